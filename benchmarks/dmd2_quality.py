@@ -1,0 +1,118 @@
+"""DMD2 on the bundled SD 1.5 digits teacher: 1-step and 4-step students vs the teacher, on CPU.
+
+    OMP_NUM_THREADS=1 python benchmarks/dmd2_quality.py [--max_train_steps 2000] [--output_dir outputs/benchmarks/dmd2_quality]
+
+Trains the two students in parallel (two processes, one thread each), then samples the teacher with DDIM at 25 steps
+(the reference) and at the students' step counts (the no-distillation baseline), all at the guidance the students
+were distilled with and from the same seeded noise. Prints a markdown table (prompt accuracy, digits-FD, PSNR vs the
+teacher@25, training wall time) and writes ``dmd2_quality.md``, ``dmd2_quality.json`` and one sample grid per row
+(rows = sample index, columns = digits 0..9) to ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import torch
+
+STUDENT_STEPS = (1, 4)
+
+
+def _train_student(kwargs: dict) -> dict:
+    """Worker: one distillation with one thread (runs in a spawned process)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    torch.set_num_threads(1)
+    from diffusers_distill.training.distill_digits import distill_digits_teacher
+
+    return distill_digits_teacher(**kwargs)
+
+
+def _row(name: str, metrics: dict, train_seconds=None) -> dict:
+    return {
+        "model": name, "steps": metrics["steps"], "prompt_accuracy": metrics["prompt_accuracy"],
+        "digits_fd": metrics["digits_fd"], "psnr": metrics.get("psnr"), "train_seconds": train_seconds,
+    }  # fmt: skip
+
+
+def markdown_table(rows: list[dict], reference_fd: float) -> str:
+    """Rows -> a markdown table; ``FD / teacher`` is relative to the teacher@25 digits-FD."""
+    lines = ["| model | steps | prompt acc. | digits-FD | FD / teacher@25 | PSNR vs teacher@25 (dB) | training |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        psnr = "-" if r["psnr"] is None else f"{r['psnr']:.1f}"
+        train = "-" if r["train_seconds"] is None else f"{r['train_seconds'] / 60:.1f} min"
+        lines.append(f"| {r['model']} | {r['steps']} | {r['prompt_accuracy']:.2f} | {r['digits_fd']:.1f} | "
+                     f"{r['digits_fd'] / reference_fd:.2f}x | {psnr} | {train} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max_train_steps", type=int, default=2000)
+    parser.add_argument("--student_type", default="full", choices=["full", "lora"])
+    parser.add_argument("--guidance", type=float, default=2.0, help="real-score CFG scale = teacher guidance")
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--guidance_learning_rate", type=float, default=3e-4, help="fake-score (critic) lr")
+    parser.add_argument("--dfake_gen_update_ratio", type=int, default=5)
+    parser.add_argument("--train_batch_size", type=int, default=16)
+    parser.add_argument("--n_per_digit", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sequential", action="store_true", help="train the two students one after the other")
+    parser.add_argument("--output_dir", default="outputs/benchmarks/dmd2_quality")
+    args = parser.parse_args(argv)
+    if args.max_train_steps < 1:
+        raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+    torch.set_num_threads(1)
+    from diffusers_distill.digits import digits_teacher_path
+    from diffusers_distill.evaluation import evaluate_pipeline, image_psnr
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    jobs = [
+        dict(output_dir=os.path.join(args.output_dir, f"student-{n}step"), num_student_steps=n,
+             max_train_steps=args.max_train_steps, student_type=args.student_type, seed=args.seed,
+             real_guidance_scale=args.guidance, learning_rate=args.learning_rate,
+             guidance_learning_rate=args.guidance_learning_rate,
+             dfake_gen_update_ratio=args.dfake_gen_update_ratio, train_batch_size=args.train_batch_size,
+             n_per_digit=args.n_per_digit)
+        for n in STUDENT_STEPS
+    ]  # fmt: skip
+    with ProcessPoolExecutor(max_workers=1 if args.sequential else 2, mp_context=get_context("spawn")) as pool:
+        students = list(pool.map(_train_student, jobs))
+
+    teacher = digits_teacher_path("sd15")
+    rows = []
+    for steps in (25, *STUDENT_STEPS):
+        grid = os.path.join(args.output_dir, f"teacher-ddim-{steps}.png")
+        m = evaluate_pipeline(teacher, scheduler="ddim", steps=steps, guidance=args.guidance,
+                              n_per_digit=args.n_per_digit, seed=args.seed, grid_path=grid)  # fmt: skip
+        if steps == 25:
+            reference = m["images"]
+        else:
+            m["psnr"] = image_psnr(m["images"], reference)
+        rows.append(_row(f"teacher DDIM (CFG {args.guidance:g})", m))
+    for result in students:
+        rows.append(_row(f"DMD2 {args.student_type} student", result["student"], result["train_seconds"]))
+    reference_fd = rows[0]["digits_fd"]
+    table = markdown_table(rows, reference_fd)
+    header = (f"DMD2 on the bundled SD 1.5 digits teacher: {args.max_train_steps} iterations, batch "
+              f"{args.train_batch_size}, lr {args.learning_rate:g} (fake score {args.guidance_learning_rate:g}), TTUR {args.dfake_gen_update_ratio}, real CFG "
+              f"{args.guidance:g}; {10 * args.n_per_digit} images (seed {args.seed}); CPU, 1 thread per training.")
+    print(header + "\n\n" + table)
+    for path, text in (("dmd2_quality.md", header + "\n\n" + table + "\n"),
+                       ("dmd2_quality.json", json.dumps({"args": vars(args), "rows": rows, "students": students},
+                                                        indent=2, default=str))):  # fmt: skip
+        tmp = os.path.join(args.output_dir, path + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(args.output_dir, path))
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,77 @@
+"""Digits-teacher quality vs sampling steps, guidance and scheduler (prompt accuracy, digits-FD).
+
+    OMP_NUM_THREADS=1 python benchmarks/teacher_quality.py [--arch sd15] [--n_per_digit 10] [--output_dir outputs/teacher_quality]
+
+Prints a markdown table per guidance scale and writes ``teacher_quality.json`` + ``teacher_quality.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from diffusers_distill.cli import metrics_markdown
+from diffusers_distill.digits import digits_teacher_path
+from diffusers_distill.evaluation import evaluate_pipeline
+
+SCHEDULERS = ("ddim", "dpmpp_2m", "unipc", "ghvb", "plms_hb", "dpmpp_hb")
+STEPS = (4, 8, 15, 25, 50)
+GUIDANCES = (1.0, 4.0, 7.5)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", default="sd15", choices=["sd15", "sdxl"])
+    parser.add_argument("--n_per_digit", type=int, default=10)
+    parser.add_argument("--schedulers", default=",".join(SCHEDULERS))
+    parser.add_argument("--steps", default=",".join(map(str, STEPS)))
+    parser.add_argument("--guidances", default=",".join(map(str, GUIDANCES)))
+    parser.add_argument("--output_dir", default="outputs/teacher_quality")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(digits_teacher_path(args.arch), local_files_only=True)
+    base = pipe.scheduler
+    rows = []
+    for w in [float(x) for x in args.guidances.split(",")]:
+        for name in args.schedulers.split(","):
+            for n in [int(x) for x in args.steps.split(",")]:
+                pipe.scheduler = base
+                m = evaluate_pipeline(pipe, scheduler=name, steps=n, guidance=w, n_per_digit=args.n_per_digit)
+                m.pop("images")
+                rows.append(m)
+                print(f"w={w:g} {name:9s} steps={n:3d} acc={m['prompt_accuracy']:.3f} FD={m['digits_fd']:.2f}",
+                      flush=True)
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "teacher_quality.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(metrics_markdown(rows))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    guidances = sorted({r["guidance"] for r in rows})
+    fig, axes = plt.subplots(2, len(guidances), figsize=(4.5 * len(guidances), 7), squeeze=False)
+    for k, w in enumerate(guidances):
+        for name in dict.fromkeys(r["scheduler"] for r in rows):
+            pts = [r for r in rows if r["scheduler"] == name and r["guidance"] == w]
+            axes[0][k].plot([r["steps"] for r in pts], [r["prompt_accuracy"] for r in pts], marker=".", label=name)
+            axes[1][k].plot([r["steps"] for r in pts], [r["digits_fd"] for r in pts], marker=".", label=name)
+        axes[0][k].set_title(f"guidance {w:g}")
+        for ax in axes[:, k]:
+            ax.set_xscale("log")
+            ax.set_xlabel("steps")
+        axes[0][k].set_ylabel("prompt accuracy")
+        axes[1][k].set_ylabel("digits-FD")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.output_dir, "teacher_quality.png"), dpi=100)
+
+
+if __name__ == "__main__":
+    main()

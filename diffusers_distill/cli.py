@@ -1,0 +1,181 @@
+"""``diffusers-distill`` console entry point.
+
+    diffusers-distill evaluate [--pipeline PATH|sd15|sdxl] [--scheduler ddim] [--steps 25] [--guidance 4]
+                               [--n_per_digit 10] [--seed 0] [--output_dir outputs/eval]
+    diffusers-distill demo [--output_dir outputs/demo] [--stages gaussian_mixture,teacher]
+
+``evaluate`` writes ``grid.png`` and ``metrics.json``; ``demo`` is the README's main command: a stage list
+(Gaussian-mixture sampler comparison, then the bundled digits teacher under momentum schedulers and diffusers
+baselines) writing grids, ``metrics.json`` and ``metrics.md`` into ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+DEMO_SCHEDULERS = ("ddim", "dpmpp_2m", "unipc", "ghvb", "plms_hb", "dpmpp_hb")
+DEMO_STEPS = (4, 8, 15)
+DEMO_GUIDANCES = (1.0, 4.0)
+
+
+def _resolve_pipeline(value: str) -> str:
+    from .digits import digits_teacher_path
+
+    if value in ("sd15", "sdxl"):
+        return digits_teacher_path(value)
+    if not os.path.isfile(os.path.join(value, "model_index.json")):
+        raise ValueError(f"--pipeline must be 'sd15', 'sdxl' or a local diffusers pipeline folder; "
+                         f"{value!r} has no model_index.json")
+    return value
+
+
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def metrics_markdown(rows) -> str:
+    """A markdown table of evaluation rows (scheduler, steps, guidance, prompt accuracy, digits-FD, seconds)."""
+    lines = ["| scheduler | steps | guidance | prompt acc. | digits-FD | seconds |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['scheduler']} | {r['steps']} | {r['guidance']:g} | {r['prompt_accuracy']:.3f} | "
+                     f"{r['digits_fd']:.2f} | {r['seconds']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_evaluate(args) -> dict:
+    from .evaluation import evaluate_pipeline
+
+    path = _resolve_pipeline(args.pipeline)
+    os.makedirs(args.output_dir, exist_ok=True)
+    metrics = evaluate_pipeline(path, scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
+                                n_per_digit=args.n_per_digit, seed=args.seed,
+                                grid_path=os.path.join(args.output_dir, "grid.png"))
+    metrics.pop("images")
+    metrics["pipeline"] = path
+    _write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
+    print(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def stage_gaussian_mixture(output_dir: str) -> dict | None:
+    """Stage 1: endpoint error of every sampler on the analytic Gaussian mixture (H2's module)."""
+    try:
+        from .gaussian_mixture import compare_samplers, plot_error_vs_nfe
+    except ImportError as error:
+        print(f"[demo] skipping the Gaussian-mixture stage: {error}")
+        return None
+    rows = compare_samplers(guidance_scales=(1.0, 7.5), steps=(5, 10, 20), batch_size=128)
+    plot_error_vs_nfe(rows, os.path.join(output_dir, "gaussian_mixture_error_vs_nfe.png"))
+    return {"gaussian_mixture": rows}
+
+
+def stage_teacher(output_dir: str, arch: str = "sd15", schedulers=DEMO_SCHEDULERS, steps=DEMO_STEPS,
+                  guidances=DEMO_GUIDANCES, n_per_digit: int = 4, seed: int = 0) -> dict:
+    """Stage 2: the bundled digits teacher under each scheduler x steps x guidance; one grid per run."""
+    from diffusers import DiffusionPipeline
+
+    from .digits import digits_teacher_path
+    from .evaluation import evaluate_pipeline
+
+    pipe = DiffusionPipeline.from_pretrained(digits_teacher_path(arch), local_files_only=True)
+    base_scheduler = pipe.scheduler
+    rows = []
+    for name in schedulers:
+        for n in steps:
+            for w in guidances:
+                pipe.scheduler = base_scheduler
+                try:
+                    m = evaluate_pipeline(pipe, scheduler=name, steps=n, guidance=w, n_per_digit=n_per_digit, seed=seed,
+                                          grid_path=os.path.join(output_dir, "grids", f"{arch}_{name}_{n}steps_w{w:g}.png"))
+                except (ImportError, AttributeError) as error:  # a scheduler module not there yet
+                    print(f"[demo] skipping scheduler {name}: {error}")
+                    break
+                m.pop("images")
+                rows.append(m)
+                print(f"[demo] {arch} {name:9s} steps={n:3d} w={w:g}: acc={m['prompt_accuracy']:.3f} "
+                      f"FD={m['digits_fd']:.2f}", flush=True)
+    pipe.scheduler = base_scheduler
+    _write_text(os.path.join(output_dir, f"teacher_{arch}_metrics.md"), metrics_markdown(rows))
+    return {f"teacher_{arch}": rows}
+
+
+DEMO_STAGES = {"gaussian_mixture": stage_gaussian_mixture, "teacher": stage_teacher}
+
+
+def run_demo(args) -> dict:
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in DEMO_STAGES]
+    if unknown:
+        raise ValueError(f"--stages must be a comma list of {sorted(DEMO_STAGES)}, got unknown {unknown}")
+    os.makedirs(args.output_dir, exist_ok=True)
+    results: dict = {}
+    for stage in stages:
+        start = time.time()
+        out = DEMO_STAGES[stage](args.output_dir)
+        if out:
+            results.update(out)
+        print(f"[demo] stage {stage} done in {time.time() - start:.0f}s", flush=True)
+    _write_json(os.path.join(args.output_dir, "metrics.json"), results)
+    if "teacher_sd15" in results:
+        _write_text(os.path.join(args.output_dir, "metrics.md"), metrics_markdown(results["teacher_sd15"]))
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .evaluation import SCHEDULERS
+
+    parser = argparse.ArgumentParser(prog="diffusers-distill", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("evaluate", help="prompt accuracy + digits-FD of a pipeline, with a sample grid")
+    ev.add_argument("--pipeline", default="sd15", help="'sd15', 'sdxl' (bundled teachers) or a pipeline folder")
+    ev.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
+    ev.add_argument("--steps", type=int, default=25)
+    ev.add_argument("--guidance", type=float, default=4.0)
+    ev.add_argument("--n_per_digit", type=int, default=10)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--output_dir", default="outputs/eval")
+    demo = sub.add_parser("demo", help="the README's main command")
+    demo.add_argument("--output_dir", default="outputs/demo")
+    demo.add_argument("--stages", default=",".join(DEMO_STAGES))
+    return parser
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "evaluate":
+            if args.steps <= 0:
+                raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+            if args.guidance < 0:
+                raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
+            if args.n_per_digit <= 0:
+                raise ValueError(f"--n_per_digit must be a positive integer, got {args.n_per_digit}")
+            _resolve_pipeline(args.pipeline)
+            run_evaluate(args)
+        else:
+            run_demo(args)
+    except ValueError as error:
+        print(f"diffusers-distill: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Network layout of DMD2 (arXiv 2405.14867): real score (frozen teacher), fake score + GAN head, generator.
+
+Two layouts, selectable per role:
+
+* **LoRA shared base** (beyond the reference code): ONE frozen base UNet in memory; the teacher is the base with
+  adapters disabled, the generator is the base with the peft adapter ``"generator"``, the fake score the base
+  with the adapter ``"fake"`` (its own rank).
+* **Full**: a trainable ``copy.deepcopy`` of the base for the generator and/or the fake score (the reference layout:
+  three UNets).
+
+The GAN discriminator (DMD2 Sec. 4.2, App. F.1) is a small conv head on the fake network's mid-block output,
+captured with a forward hook that stops the UNet forward right after the mid block ("classify mode").
+The generator runs in 1-step mode (pure noise at a conditioning timestep) or N-step mode (fixed timesteps,
+e.g. 999/749/499/249) with backward simulation (DMD2 Sec. 4.4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import torch
+from torch import nn
+
+from .teacher import DiffusionTeacher, PromptEmbeddings
+
+__all__ = [
+    "DEFAULT_LORA_TARGET_MODULES",
+    "DMD2Networks",
+    "GANHead",
+    "build_dmd2_networks",
+    "generator_input",
+    "generator_timesteps",
+    "mid_block_features",
+    "sample_student",
+]
+
+# The module list of diffusers' LCM-LoRA SDXL script, which DMD2's LoRA also uses.
+DEFAULT_LORA_TARGET_MODULES = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+)  # fmt: skip
+LAYOUT_CHOICES = ("lora", "full")
+GENERATOR_ADAPTER = "generator"
+FAKE_ADAPTER = "fake"
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class GANHead(nn.Module):
+    """DMD2's ``cls_pred_branch`` (App. F.1): [Conv4x4 s2 -> GN -> SiLU] until 4x4, Conv4x4 s4 -> GN -> SiLU,
+    Conv1x1 -> one logit. SD 1.5 at 512px has an 8x8 bottleneck (one stride-2 conv), SDXL at 1024px 32x32 (three).
+    """
+
+    def __init__(self, channels: int, feature_size: int):
+        super().__init__()
+        if feature_size < 4 or feature_size & (feature_size - 1):
+            raise ValueError(f"feature_size must be a power of two >= 4, got {feature_size}")
+        layers = []
+        for _ in range(int(math.log2(feature_size)) - 2):
+            layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), _group_norm(channels), nn.SiLU()]
+        layers += [nn.Conv2d(channels, channels, 4, stride=4), _group_norm(channels), nn.SiLU()]
+        layers += [nn.Conv2d(channels, 1, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features.float()).flatten(1).mean(1)
+
+
+class _MidBlockReached(Exception):
+    def __init__(self, features):
+        super().__init__()
+        self.features = features
+
+
+@contextlib.contextmanager
+def mid_block_features(unet):
+    """Within the context, ``capture(call)`` runs ``call()`` (a UNet forward) only up to the mid block and
+    returns the mid-block output; a forward hook raises to skip the up blocks (written by hand: diffusers'
+    UNet has no "stop after mid block" option)."""
+
+    def hook(module, args, output):
+        raise _MidBlockReached(output)
+
+    handle = unet.mid_block.register_forward_hook(hook)
+
+    def capture(call):
+        try:
+            call()
+        except _MidBlockReached as stop:
+            return stop.features
+        raise RuntimeError("the UNet forward finished without reaching its mid block")
+
+    try:
+        yield capture
+    finally:
+        handle.remove()
+
+
+def generator_timesteps(num_inference_steps: int, conditioning_timestep: int = 999, num_train_timesteps: int = 1000):
+    """Student timesteps: ``[conditioning_timestep]`` for 1 step, else DMD2's fixed list
+    ``range(T-1, 0, -(T // N))``, e.g. [999, 749, 499, 249] for N=4."""
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    if not 0 <= conditioning_timestep < num_train_timesteps:
+        raise ValueError(
+            f"conditioning_timestep must be in [0, {num_train_timesteps - 1}], got {conditioning_timestep}"
+        )
+    if num_inference_steps == 1:
+        return [conditioning_timestep]
+    return list(range(num_train_timesteps - 1, 0, -(num_train_timesteps // num_inference_steps)))[:num_inference_steps]
+
+
+class DMD2Networks(nn.Module):
+    """Holds the base UNet, optional full copies, the GAN head, and runs each role with the right adapter."""
+
+    def __init__(self, base_unet, generator_unet=None, fake_unet=None, gan_head: GANHead | None = None):
+        super().__init__()
+        self.base_unet = base_unet
+        self.generator_unet = generator_unet  # None -> LoRA adapter "generator" on the base
+        self.fake_unet = fake_unet  # None -> LoRA adapter "fake" on the base
+        self.gan_head = gan_head
+
+    @property
+    def generator_is_lora(self) -> bool:
+        return self.generator_unet is None
+
+    @property
+    def fake_is_lora(self) -> bool:
+        return self.fake_unet is None
+
+    def _activate(self, adapter: str | None):
+        if self.generator_is_lora or self.fake_is_lora:
+            if adapter is None:
+                self.base_unet.disable_adapters()
+            else:
+                self.base_unet.enable_adapters()
+                self.base_unet.set_adapter(adapter)
+
+    def teacher(self):
+        """The frozen real-score network (base with adapters disabled)."""
+        self._activate(None)
+        return self.base_unet
+
+    def generator(self):
+        if self.generator_is_lora:
+            self._activate(GENERATOR_ADAPTER)
+            return self.base_unet
+        return self.generator_unet
+
+    def fake(self):
+        if self.fake_is_lora:
+            self._activate(FAKE_ADAPTER)
+            return self.base_unet
+        return self.fake_unet
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        if self.generator_is_lora:
+            return [p for n, p in self.base_unet.named_parameters() if f".{GENERATOR_ADAPTER}." in n]
+        return list(self.generator_unet.parameters())
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        if self.fake_is_lora:
+            params = [p for n, p in self.base_unet.named_parameters() if f".{FAKE_ADAPTER}." in n]
+        else:
+            params = list(self.fake_unet.parameters())
+        return params + (list(self.gan_head.parameters()) if self.gan_head is not None else [])
+
+    def classify(self, teacher: DiffusionTeacher, x_t, timesteps, embeddings: PromptEmbeddings) -> torch.Tensor:
+        """GAN logits: fake network run up to its mid block on noised inputs, then the head."""
+        unet = self.fake()
+        with mid_block_features(unet) as capture:
+            features = capture(lambda: teacher.predict(unet, x_t, timesteps, embeddings))
+        return self.gan_head(features)
+
+
+def _lora_config(rank: int, alpha: float | None, target_modules):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank, lora_alpha=rank if alpha is None else alpha, init_lora_weights="gaussian",
+        target_modules=list(target_modules),
+    )  # fmt: skip
+
+
+def build_dmd2_networks(
+    base_unet,
+    student_type: str = "lora",
+    fake_score_type: str = "lora",
+    lora_rank: int = 64,
+    lora_alpha: float | None = 8,
+    fake_lora_rank: int = 64,
+    fake_lora_alpha: float | None = None,
+    lora_target_modules=DEFAULT_LORA_TARGET_MODULES,
+    gan_feature_size: int | None = None,
+) -> DMD2Networks:
+    """Build the DMD2 networks around a (teacher-initialised) ``base_unet``; the base is frozen.
+
+    ``gan_feature_size`` = spatial size of the mid-block output (latent size / 2**(levels-1)); None -> no GAN head.
+    """
+    for name, value in (("student_type", student_type), ("fake_score_type", fake_score_type)):
+        if value not in LAYOUT_CHOICES:
+            raise ValueError(f"{name} must be one of {LAYOUT_CHOICES}, got {value!r}")
+    base_unet.requires_grad_(False)
+    generator_unet = copy.deepcopy(base_unet).requires_grad_(True) if student_type == "full" else None
+    fake_unet = copy.deepcopy(base_unet).requires_grad_(True) if fake_score_type == "full" else None
+    if student_type == "lora":
+        base_unet.add_adapter(_lora_config(lora_rank, lora_alpha, lora_target_modules), adapter_name=GENERATOR_ADAPTER)
+    if fake_score_type == "lora":
+        base_unet.add_adapter(
+            _lora_config(fake_lora_rank, fake_lora_alpha, lora_target_modules), adapter_name=FAKE_ADAPTER
+        )
+    for name, param in base_unet.named_parameters():  # only adapter weights train
+        param.requires_grad_(f".{GENERATOR_ADAPTER}." in name or f".{FAKE_ADAPTER}." in name)
+    head = None
+    if gan_feature_size is not None:
+        head = GANHead(base_unet.config.block_out_channels[-1], gan_feature_size)
+    return DMD2Networks(base_unet, generator_unet, fake_unet, head)
+
+
+def generator_input(
+    networks: DMD2Networks,
+    teacher: DiffusionTeacher,
+    noise: torch.Tensor,
+    embeddings: PromptEmbeddings,
+    timesteps: list[int],
+    num_simulated_steps: int,
+    generator: torch.Generator | None = None,
+):
+    """Input ``(x_t, t)`` of the generator's training step (DMD2 Sec. 4.4, backward simulation).
+
+    With ``num_simulated_steps = k`` the generator itself (without gradient) runs the first k of its own
+    sampling steps from ``noise``; the last x0 is re-noised with fresh noise to ``timesteps[k]``. k = 0 is pure
+    noise at ``timesteps[0]`` (the 1-step case).
+    """
+    if not 0 <= num_simulated_steps < len(timesteps):
+        raise ValueError(f"num_simulated_steps must be in [0, {len(timesteps) - 1}], got {num_simulated_steps}")
+    x_t = noise.float()
+    batch = noise.shape[0]
+    with torch.no_grad():
+        for i in range(num_simulated_steps):
+            t = torch.full((batch,), timesteps[i], device=noise.device, dtype=torch.long)
+            x0 = teacher.predict_x0(networks.generator(), x_t, t, embeddings)
+            fresh = torch.randn(noise.shape, generator=generator, device=noise.device)
+            x_t = teacher.add_noise(x0, fresh, torch.full_like(t, timesteps[i + 1]))
+    t_in = torch.full((batch,), timesteps[num_simulated_steps], device=noise.device, dtype=torch.long)
+    return x_t, t_in
+
+
+@torch.no_grad()
+def sample_student(networks, teacher, embeddings, timesteps, noise, generator=None) -> torch.Tensor:
+    """Consistency-style multi-step sampling: x0 = G(x_t, t_i), then re-noise to t_{i+1} with fresh noise."""
+    x_t, _ = generator_input(networks, teacher, noise, embeddings, timesteps, len(timesteps) - 1, generator)
+    t = torch.full((noise.shape[0],), timesteps[-1], device=noise.device, dtype=torch.long)
+    return teacher.predict_x0(networks.generator(), x_t, t, embeddings)

@@ -1,0 +1,42 @@
+"""PLMSHeavyBallScheduler: see the class docstring. [P] = arXiv 2307.11118 (Wizadwongsa et al., ICLR 2024)."""
+
+from __future__ import annotations
+
+import numpy as np
+from diffusers.configuration_utils import register_to_config
+
+from .multistep_base import VPMomentumSchedulerBase
+from .slope_methods import PLMSHeavyBallMixin
+
+
+class PLMSHeavyBallScheduler(PLMSHeavyBallMixin, VPMomentumSchedulerBase):
+    """PLMS-k (Adams-Bashforth, k = 1..4) with Polyak's Heavy Ball momentum for VP models ([P] §4.1, Alg. 1).
+
+    beta = 1 is PLMS-k; beta < 1 is first order but much more stable at high guidance.
+
+    Config keys are those of diffusers' DPMSolverMultistepScheduler plus ``solver_order``, ``momentum_beta``
+    (damping beta in (0, 1]; smaller = more momentum), ``coefficients`` ('variable' | 'fixed'), so
+    ``PLMSHeavyBallScheduler.from_config(pipe.scheduler.config)`` works.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        solver_order: int = 4,
+        momentum_beta: float = 0.8,
+        coefficients: str = "variable",
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        use_karras_sigmas: bool = False,
+        final_sigmas_type: str = "zero",
+        lower_order_final: bool = False,
+    ):
+        self._init_slope_method()
+        self._init_vp()

@@ -1,0 +1,211 @@
+"""Distil the bundled SD 1.5 digits teacher with DMD2 and measure the student, in one call.
+
+``distill_digits_teacher`` writes a prompt file of the ten digit prompts, runs :func:`train_dmd2` in-process on
+``digits_teacher_path("sd15")`` (optionally with the real bundled digits as the GAN's real images, DMD2 Sec. 4.3),
+then evaluates the saved student with :mod:`diffusers_distill.evaluation`: prompt accuracy, digits-FD, and
+teacher-student MSE/PSNR on the same initial noise against the teacher sampled with DDIM at 25 steps and the
+guidance scale the student was distilled with (the "real" score's CFG scale, DMD2 eq. 2 + CFG).
+
+Example::
+
+    from diffusers_distill.training.distill_digits import distill_digits_teacher
+
+    metrics = distill_digits_teacher("outputs/digits-dmd2-1step", num_student_steps=1, max_train_steps=300)
+    print(metrics["student"]["digits_fd"], metrics["teacher"]["digits_fd"])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+__all__ = ["distill_digits_teacher", "write_digit_prompts", "write_digit_images", "load_digits_student"]
+
+TEACHER_STEPS = 25
+TEACHER_SCHEDULER = "ddim"
+
+
+def write_digit_prompts(path: str) -> str:
+    """Write the ten prompts ``"a handwritten digit zero" .. "nine"`` (one per line) atomically; returns ``path``."""
+    from diffusers_distill.digits import digit_prompt
+
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(digit_prompt(label) for label in range(10)) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_digit_images(folder: str) -> str:
+    """The ``train`` split of the bundled digits as a captioned image folder (PNG + ``metadata.jsonl``).
+
+    These are the "real" images of the GAN loss; the held-out split (digits-FD reference) is never written.
+    """
+    from PIL import Image
+
+    from diffusers_distill.digits import digit_prompt, load_digits_split
+
+    images, labels = load_digits_split("train", channels=1)
+    os.makedirs(folder, exist_ok=True)
+    pixels = ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+    lines = []
+    for i, (image, label) in enumerate(zip(pixels, labels.tolist())):
+        name = f"{i:04d}.png"
+        Image.fromarray(image).convert("RGB").save(os.path.join(folder, name))
+        lines.append(json.dumps({"file_name": name, "text": digit_prompt(label)}))
+    tmp = os.path.join(folder, "metadata.jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, os.path.join(folder, "metadata.jsonl"))
+    return folder
+
+
+def load_digits_student(student_dir: str, teacher_path: str | None = None):
+    """A ``DMD2StableDiffusionPipeline`` for a saved student (full folder, or LoRA on the teacher)."""
+    from diffusers_distill.digits import digits_teacher_path
+    from diffusers_distill.export import StudentConfig
+    from diffusers_distill.pipelines.pipeline_dmd2 import DMD2StableDiffusionPipeline
+
+    config = StudentConfig.load(student_dir)
+    if config.student_type == "full":
+        pipe = DMD2StableDiffusionPipeline.from_pretrained(student_dir, local_files_only=True)
+    else:
+        base = teacher_path or digits_teacher_path("sd15")
+        pipe = DMD2StableDiffusionPipeline.from_pretrained(base, student=student_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _check_args(num_student_steps, max_train_steps, student_type, real_guidance_scale, n_per_digit) -> None:
+    if num_student_steps not in (1, 2, 4):
+        raise ValueError(f"num_student_steps must be one of (1, 2, 4), got {num_student_steps!r}")
+    if not isinstance(max_train_steps, int) or max_train_steps < 1:
+        raise ValueError(f"max_train_steps must be a positive integer, got {max_train_steps!r}")
+    if student_type not in ("lora", "full"):
+        raise ValueError(f"student_type must be one of ('lora', 'full'), got {student_type!r}")
+    if real_guidance_scale < 1.0:
+        raise ValueError(f"real_guidance_scale must be >= 1, got {real_guidance_scale!r}")
+    if not isinstance(n_per_digit, int) or n_per_digit < 2:
+        raise ValueError(f"n_per_digit must be an integer >= 2 (digits-FD needs a covariance), got {n_per_digit!r}")
+
+
+def _public(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "images"}
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def evaluate_digits_student(student_dir: str, guidance: float, n_per_digit: int = 10, seed: int = 0,
+                            teacher_path: str | None = None, teacher_metrics: dict | None = None,
+                            grid_path: str | None = None) -> dict:
+    """Metrics of a saved student next to the teacher (DDIM, 25 steps, ``guidance``) on the same seeded noise.
+
+    Returns ``{"student": {...}, "teacher": {...}}`` (each as :func:`evaluate_pipeline` without the images).
+    Pass ``teacher_metrics`` (with its ``"images"``) to reuse an earlier teacher evaluation.
+    """
+    from diffusers_distill.digits import digits_teacher_path
+    from diffusers_distill.evaluation import evaluate_pipeline
+
+    if teacher_metrics is None:
+        teacher_metrics = evaluate_pipeline(teacher_path or digits_teacher_path("sd15"), scheduler=TEACHER_SCHEDULER,
+                                            steps=TEACHER_STEPS, guidance=guidance, n_per_digit=n_per_digit, seed=seed)
+    pipe = load_digits_student(student_dir, teacher_path)
+    steps = pipe.student_config.num_inference_steps
+    # scheduler=None keeps the student's LCMScheduler on its training timesteps; CFG is baked in (guidance 0)
+    student = evaluate_pipeline(pipe, scheduler=None, steps=steps, guidance=0.0, n_per_digit=n_per_digit, seed=seed,
+                                reference=teacher_metrics["images"], grid_path=grid_path)
+    return {"student": _public(student), "teacher": _public(teacher_metrics)}
+
+
+def distill_digits_teacher(
+    output_dir: str,
+    num_student_steps: int = 1,
+    max_train_steps: int = 300,
+    student_type: str = "full",
+    seed: int = 0,
+    *,
+    real_guidance_scale: float = 2.0,
+    learning_rate: float = 1e-4,
+    guidance_learning_rate: float | None = None,
+    dfake_gen_update_ratio: int = 5,
+    train_batch_size: int = 16,
+    fake_score_type: str = "full",
+    lora_rank: int = 16,
+    fake_lora_rank: int = 16,
+    lr_warmup_steps: int = 0,
+    gan_loss_weight: float = 0.0,
+    n_per_digit: int = 10,
+    teacher_path: str | None = None,
+    evaluate: bool = True,
+    **config_overrides,
+) -> dict:
+    """Distil the bundled digits teacher into a ``num_student_steps``-step DMD2 student and evaluate it.
+
+    Args:
+        output_dir: where the student (``train_dmd2``'s export), ``metrics.json`` and ``samples.png`` go.
+        num_student_steps: 1 (DMD2 one-step, t=999) or 4 (backward simulation on [999, 749, 499, 249]).
+        max_train_steps: DMD2 iterations (fake-score updates); the generator is updated every
+            ``dfake_gen_update_ratio`` of them (TTUR, DMD2 Sec. 4.2).
+        student_type: ``"full"`` (the tiny UNet trains fastest in full) or ``"lora"``.
+        real_guidance_scale: CFG scale of the real score; the student is compared with the teacher at this guidance.
+        gan_loss_weight: > 0 adds the GAN losses (generator and discriminator, same weight) with the real train-split
+            digits as real images (DMD2 Sec. 4.3).
+        config_overrides: any other :class:`DMD2Config` field.
+
+    Returns:
+        ``{"student": {...}, "teacher": {...}, "train_seconds", "global_step", "final_losses", "config", ...}``,
+        also written to ``<output_dir>/metrics.json``.
+    """
+    from diffusers_distill.digits import IMAGE_SIZE, digits_teacher_path
+    from diffusers_distill.training.dmd2 import DMD2Config, train_dmd2
+
+    _check_args(num_student_steps, max_train_steps, student_type, real_guidance_scale, n_per_digit)
+    if gan_loss_weight < 0:
+        raise ValueError(f"gan_loss_weight must be >= 0, got {gan_loss_weight!r}")
+    teacher_path = teacher_path or digits_teacher_path("sd15")
+    os.makedirs(output_dir, exist_ok=True)
+    data_dir = os.path.join(output_dir, "data")
+    os.makedirs(data_dir, exist_ok=True)
+    prompt_file = write_digit_prompts(os.path.join(data_dir, "prompts.txt"))
+    train_data_dir = write_digit_images(os.path.join(data_dir, "images")) if gan_loss_weight > 0 else None
+
+    options = dict(
+        pretrained_teacher_model=teacher_path, output_dir=output_dir, prompt_file=prompt_file,
+        train_data_dir=train_data_dir, resolution=IMAGE_SIZE, student_type=student_type,
+        fake_score_type=fake_score_type, num_inference_steps=num_student_steps, lora_rank=lora_rank,
+        lora_alpha=float(lora_rank), fake_lora_rank=fake_lora_rank, real_guidance_scale=real_guidance_scale,
+        dfake_gen_update_ratio=dfake_gen_update_ratio, gen_cls_loss_weight=gan_loss_weight,
+        guidance_cls_loss_weight=gan_loss_weight, train_batch_size=train_batch_size, max_train_steps=max_train_steps,
+        learning_rate=learning_rate, guidance_learning_rate=guidance_learning_rate, lr_warmup_steps=lr_warmup_steps,
+        cache_text_embeddings=True, seed=seed, checkpointing_steps=10**9, report_to="none",
+    )  # fmt: skip
+    options.update(config_overrides)
+    config = DMD2Config(**options)
+    config.validate()  # bad overrides fail before the teacher is loaded
+
+    start = time.perf_counter()
+    result = train_dmd2(config)
+    train_seconds = time.perf_counter() - start
+    last = result["losses"][-1] if result["losses"] else {}
+    dm_losses = [r["loss_dm"] for r in result["losses"] if "loss_dm" in r]
+    summary = {
+        "num_student_steps": num_student_steps,
+        "student_type": student_type,
+        "global_step": result["global_step"],
+        "train_seconds": round(train_seconds, 1),
+        "final_losses": {"loss_fake": last.get("loss_fake"), "loss_dm": dm_losses[-1] if dm_losses else None},
+        "config": {k: v for k, v in options.items() if k not in ("pretrained_teacher_model", "output_dir")},
+    }
+    if evaluate:
+        summary.update(evaluate_digits_student(output_dir, real_guidance_scale, n_per_digit, seed, teacher_path,
+                                               grid_path=os.path.join(output_dir, "samples.png")))
+    _write_json(os.path.join(output_dir, "metrics.json"), summary)
+    return summary

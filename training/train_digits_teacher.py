@@ -1,0 +1,279 @@
+"""Train the bundled digits teachers: SD 1.5 and SDXL architectures on the bundled real handwritten digits (UCI, as in sklearn's load_digits).
+
+Stages (all seeded, CPU, one thread):
+
+1. a tiny ``AutoencoderKL`` (32x32 RGB -> 4x8x8 latents), reconstruction + small KL loss; its
+   ``scaling_factor`` is set to 1 / std of the training latents, as SD does;
+2. a frozen, seeded, randomly initialised CLIP text encoder (SD's encoders are frozen during UNet
+   training too) and a CLIP BPE tokenizer built locally from the prompt vocabulary;
+3. a ``UNet2DConditionModel`` with cross-attention trained with the DDPM epsilon-prediction loss
+   ``|| eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t, c) ||^2`` (Ho et al. 2020, eq. 14) on SD's
+   ``scaled_linear`` schedule, with 10% prompt dropout so classifier-free guidance (Ho & Salimans 2022) works;
+4. the same for SDXL: two text encoders (penultimate hidden states concatenated, pooled projection) and
+   ``text_time`` added conditions.
+
+Usage::
+
+    python -m diffusers_distill.training.train_digits_teacher --arch both            # writes the package assets
+    python -m diffusers_distill.training.train_digits_teacher --arch sd15 --output_dir /tmp/teachers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from diffusers_distill.digits import ASSETS_DIR, IMAGE_SIZE, PROMPT_WORDS, digit_prompt, load_digits_split
+
+LATENT_SIZE = IMAGE_SIZE // 4
+TEXT_HIDDEN = 32
+PROMPT_DROPOUT = 0.1
+
+
+def sd_noise_schedule_config() -> dict:
+    """SD 1.5's training noise schedule (scaled_linear betas 0.00085..0.012, 1000 steps, epsilon)."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+    )
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=[16, 32, 32],
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+    )
+
+
+def build_unet(sdxl: bool):
+    """A 2-level cross-attention UNet on 8x8 latents (SDXL variant with ``text_time`` conditions)."""
+    from diffusers import UNet2DConditionModel
+
+    common = dict(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=16,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
+    )
+    if not sdxl:
+        return UNet2DConditionModel(cross_attention_dim=TEXT_HIDDEN, **common)
+    time_dim = 16
+    return UNet2DConditionModel(
+        cross_attention_dim=2 * TEXT_HIDDEN,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + TEXT_HIDDEN,
+        **common,
+    )
+
+
+def build_text_encoders(tokenizer_dir: str, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from diffusers_distill.testing import tiny_clip_tokenizer
+
+    tokenizer = tiny_clip_tokenizer(words=PROMPT_WORDS, folder=tokenizer_dir, model_max_length=16)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=TEXT_HIDDEN,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(config).eval().requires_grad_(False)
+    text_encoder_2 = CLIPTextModelWithProjection(config).eval().requires_grad_(False)
+    return tokenizer, text_encoder, text_encoder_2
+
+
+def train_vae(images: torch.Tensor, steps: int, batch_size: int, seed: int, log: list):
+    """Reconstruction (L1 + MSE) + 1e-6 KL, the small-KL regime of SD's VAE (Rombach et al. 2022, sec. 3)."""
+    torch.manual_seed(seed)
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        x = images[torch.randint(len(images), (batch_size,), generator=g)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=None)).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log.append({"step": step, "loss": loss.item()})
+            print(f"[vae] step {step} loss {loss.item():.4f}", flush=True)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mode() for i in range(0, len(images), 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae, latents * vae.config.scaling_factor
+
+
+def train_unet(unet, latents, labels, cond, steps, batch_size, lr, seed, log, tag):
+    """Epsilon-prediction DDPM loss with prompt dropout; ``cond(labels, drop_mask)`` -> UNet kwargs."""
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler(**sd_noise_schedule_config())
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * (1 - 0.9 * s / steps))
+    g = torch.Generator().manual_seed(seed)
+    unet.train()
+    for step in range(steps):
+        idx = torch.randint(len(latents), (batch_size,), generator=g)
+        z0, y = latents[idx], labels[idx]
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, 1000, (batch_size,), generator=g)
+        drop = torch.rand(batch_size, generator=g) < PROMPT_DROPOUT
+        zt = noise_scheduler.add_noise(z0, noise, t)
+        pred = unet(zt, t, **cond(y, drop)).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log.append({"step": step, "loss": loss.item()})
+            print(f"[{tag}] step {step} loss {loss.item():.4f}", flush=True)
+    return unet.eval().requires_grad_(False)
+
+
+def _stock_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**sd_noise_schedule_config(), clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def _save_atomically(pipe, folder: str, report: dict):
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    with open(os.path.join(tmp, "training_report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    # mkdtemp / safetensors create owner-only entries; shipped assets must be world-readable
+    for root, dirs, files in os.walk(tmp):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="both", choices=["sd15", "sdxl", "both"])
+    parser.add_argument("--output_dir", default=ASSETS_DIR)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae_steps", type=int, default=400)
+    parser.add_argument("--max_train_steps", type=int, default=1500)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    args = parser.parse_args(argv)
+    if args.max_train_steps <= 0 or args.vae_steps <= 0 or args.batch_size <= 0:
+        raise ValueError("--max_train_steps, --vae_steps and --batch_size must be positive integers")
+    torch.set_num_threads(1)
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    images, labels = load_digits_split("train")
+    t0 = time.time()
+    vae_log: list = []
+    vae, latents = train_vae(images, args.vae_steps, args.batch_size, args.seed, vae_log)
+    vae_time = time.time() - t0
+    print(f"vae done in {vae_time:.0f}s, scaling_factor {vae.config.scaling_factor:.4f}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tokenizer, text_encoder, text_encoder_2 = build_text_encoders(tok_dir, args.seed)
+    prompts = [digit_prompt(i) for i in range(10)]
+    common_report = {"seed": args.seed, "vae_steps": args.vae_steps, "vae_seconds": round(vae_time, 1),
+                     "vae_loss": vae_log, "vae_scaling_factor": vae.config.scaling_factor,
+                     "unet_steps": args.max_train_steps, "batch_size": args.batch_size,
+                     "learning_rate": args.learning_rate, "prompt_dropout": PROMPT_DROPOUT,
+                     "torch_threads": torch.get_num_threads(), "train_images": len(labels)}
+
+    if args.arch in ("sd15", "both"):
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                       unet=build_unet(False), scheduler=_stock_scheduler(), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        with torch.no_grad():
+            embeds, _ = pipe.encode_prompt(prompts + [""], "cpu", 1, False)
+        table, empty = embeds[:10], embeds[10]
+
+        def cond_sd15(y, drop):
+            e = table[y].clone()
+            e[drop] = empty
+            return {"encoder_hidden_states": e}
+
+        torch.manual_seed(args.seed)
+        pipe.unet = build_unet(False)
+        t1 = time.time()
+        log: list = []
+        train_unet(pipe.unet, latents, labels, cond_sd15, args.max_train_steps, args.batch_size,
+                   args.learning_rate, args.seed + 1, log, "sd15")
+        report = dict(common_report, arch="sd15", unet_seconds=round(time.time() - t1, 1), unet_loss=log)
+        _save_atomically(pipe, os.path.join(args.output_dir, "digits-sd15"), report)
+        print(f"sd15 done in {report['unet_seconds']}s", flush=True)
+
+    if args.arch in ("sdxl", "both"):
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=build_unet(True),
+                                         scheduler=_stock_scheduler())
+        with torch.no_grad():
+            embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False)
+        # SDXL's force_zeros_for_empty_prompt: the unconditional branch is all-zero embeddings at sampling
+        time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
+
+        def cond_sdxl(y, drop):
+            e, p = embeds[y].clone(), pooled[y].clone()
+            e[drop] = 0
+            p[drop] = 0
+            return {"encoder_hidden_states": e,
+                    "added_cond_kwargs": {"text_embeds": p, "time_ids": time_ids.expand(len(y), -1)}}
+
+        torch.manual_seed(args.seed)
+        pipe.unet = build_unet(True)
+        t1 = time.time()
+        log = []
+        train_unet(pipe.unet, latents, labels, cond_sdxl, args.max_train_steps, args.batch_size,
+                   args.learning_rate, args.seed + 2, log, "sdxl")
+        report = dict(common_report, arch="sdxl", unet_seconds=round(time.time() - t1, 1), unet_loss=log)
+        _save_atomically(pipe, os.path.join(args.output_dir, "digits-sdxl"), report)
+        print(f"sdxl done in {report['unet_seconds']}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
