@@ -63,11 +63,17 @@ def main(argv=None):
     parser.add_argument("--train_batch_size", type=int, default=16)
     parser.add_argument("--n_per_digit", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ema_decay", type=float, default=None, help="generator EMA decay (default: no EMA)")
+    parser.add_argument("--gan_loss_weight", type=float, default=0.0, help="> 0: GAN losses on the real digits")
     parser.add_argument("--sequential", action="store_true", help="train the two students one after the other")
     parser.add_argument("--output_dir", default="outputs/benchmarks/dmd2_quality")
     args = parser.parse_args(argv)
     if args.max_train_steps < 1:
         raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+    if args.ema_decay is not None and not 0.0 <= args.ema_decay < 1.0:
+        raise ValueError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if args.gan_loss_weight < 0:
+        raise ValueError(f"--gan_loss_weight must be >= 0, got {args.gan_loss_weight}")
     torch.set_num_threads(1)
     from diffusers_distill.digits import digits_teacher_path
     from diffusers_distill.evaluation import evaluate_pipeline, image_psnr
@@ -79,7 +85,8 @@ def main(argv=None):
              real_guidance_scale=args.guidance, learning_rate=args.learning_rate,
              guidance_learning_rate=args.guidance_learning_rate,
              dfake_gen_update_ratio=args.dfake_gen_update_ratio, train_batch_size=args.train_batch_size,
-             n_per_digit=args.n_per_digit)
+             n_per_digit=args.n_per_digit, gan_loss_weight=args.gan_loss_weight,
+             use_ema=args.ema_decay is not None, ema_decay=0.999 if args.ema_decay is None else args.ema_decay)
         for n in STUDENT_STEPS
     ]  # fmt: skip
     with ProcessPoolExecutor(max_workers=1 if args.sequential else 2, mp_context=get_context("spawn")) as pool:
@@ -100,9 +107,11 @@ def main(argv=None):
         rows.append(_row(f"DMD2 {args.student_type} student", result["student"], result["train_seconds"]))
     reference_fd = rows[0]["digits_fd"]
     table = markdown_table(rows, reference_fd)
+    ema = "no EMA" if args.ema_decay is None else f"EMA {args.ema_decay:g}"
     header = (f"DMD2 on the bundled SD 1.5 digits teacher: {args.max_train_steps} iterations, batch "
-              f"{args.train_batch_size}, lr {args.learning_rate:g} (fake score {args.guidance_learning_rate:g}), TTUR {args.dfake_gen_update_ratio}, real CFG "
-              f"{args.guidance:g}; {10 * args.n_per_digit} images (seed {args.seed}); CPU, 1 thread per training.")
+              f"{args.train_batch_size}, lr {args.learning_rate:g} (fake score {args.guidance_learning_rate:g}), "
+              f"TTUR {args.dfake_gen_update_ratio}, real CFG {args.guidance:g}, GAN weight {args.gan_loss_weight:g}, "
+              f"{ema}; {10 * args.n_per_digit} images (seed {args.seed}); CPU, 1 thread per training.")
     print(header + "\n\n" + table)
     for path, text in (("dmd2_quality.md", header + "\n\n" + table + "\n"),
                        ("dmd2_quality.json", json.dumps({"args": vars(args), "rows": rows, "students": students},

@@ -68,13 +68,14 @@ def tiny_clip_tokenizer(words=TINY_WORDS, folder: str | None = None, model_max_l
     return tokenizer
 
 
-def tiny_text_config(tokenizer, hidden_size: int = 32, projection_dim: int = 32):
+def tiny_text_config(tokenizer, hidden_size: int = 32, projection_dim: int = 32, intermediate_size: int = 37):
+    """A 2-layer CLIP text config sized to ``tokenizer`` (shared by the test fixtures and the digits teachers)."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
-        intermediate_size=37,
+        intermediate_size=intermediate_size,
         num_attention_heads=4,
         num_hidden_layers=2,
         max_position_embeddings=tokenizer.model_max_length,

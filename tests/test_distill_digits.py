@@ -39,3 +39,21 @@ def test_distill_digits_few_steps_end_to_end(tmp_path):
         assert f.read().splitlines() == [f"a handwritten digit {w}" for w in
                                          ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                                           "nine")]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_demo_distill_stage_writes_a_loadable_student_and_its_table(tmp_path):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    from diffusers_distill import cli
+
+    summary = cli.stage_distill(str(tmp_path), n_per_digit=2, max_train_steps=4, dfake_gen_update_ratio=2,
+                                train_batch_size=4)["dmd2_1step"]  # fmt: skip
+    assert summary["global_step"] == 4 and summary["config"]["use_ema"] is True
+    table = (tmp_path / "dmd2_metrics.md").read_text()
+    assert "| DMD2 student (full, 4 it.) | 1 |" in table
+    assert f"{summary['student']['digits_fd']:.2f}" in table and f"{summary['teacher']['digits_fd']:.2f}" in table
+    student = DiffusionPipeline.from_pretrained(str(tmp_path / "dmd2_1step"))  # native diffusers, no package classes
+    assert type(student) is StableDiffusionPipeline and type(student.scheduler).__name__ == "LCMScheduler"
+    image = student("a handwritten digit seven", num_inference_steps=1, guidance_scale=0.0, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)

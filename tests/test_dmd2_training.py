@@ -95,6 +95,8 @@ def test_config_validation_errors(tmp_path):
         DMD2Config(**base, num_inference_steps=2, denoising_timesteps=[999]).validate()
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
         DMD2Config(**base, mixed_precision="fp8").validate()
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
+        DMD2Config(**base, use_ema=True, ema_decay=1.0).validate()
     assert DMD2Config(**base, num_inference_steps=4).timesteps() == [999, 749, 499, 249]
     assert DMD2Config(**base, conditioning_timestep=399).timesteps() == [399]
 
@@ -239,6 +241,28 @@ def test_resume_gives_identical_losses(sd15_pipeline_dir, data_dir, tmp_path):
     assert [r["step"] for r in resumed["losses"]] == [4, 5, 6]
     assert resumed["losses"] == full["losses"][3:]
     assert set(full["losses"][0]) == {"step", "loss_dm", "loss_fake", "loss_gen_gan", "loss_disc"}
+
+
+def test_ema_student_is_exported_and_resumes_exactly(sd15_pipeline_dir, data_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    common = dict(prompt_file=os.path.join(data_dir, "prompts.txt"), student_type="full", use_ema=True, ema_decay=0.5,
+                  dfake_gen_update_ratio=1, checkpointing_steps=3, max_train_steps=6)  # fmt: skip
+    train_dmd2(tiny_config(sd15_pipeline_dir, tmp_path / "full", **common))
+    exported = list(UNet2DConditionModel.from_pretrained(tmp_path / "full" / "unet").parameters())
+    raw = list(UNet2DConditionModel.from_pretrained(tmp_path / "full" / "checkpoint-6" / "generator").parameters())
+    shadow = load_file(tmp_path / "full" / "checkpoint-6" / "ema_generator.safetensors")
+    assert len(shadow) == len(exported) == len(raw)
+    assert all(torch.equal(shadow[f"shadow.{i}"], p) for i, p in enumerate(exported))  # the export is the EMA ...
+    assert not all(torch.equal(a, b) for a, b in zip(exported, raw))  # ... not the last raw weights
+
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", resumed_dir / "checkpoint-3")
+    train_dmd2(tiny_config(sd15_pipeline_dir, resumed_dir, resume_from_checkpoint="latest", **common))
+    resumed = list(UNet2DConditionModel.from_pretrained(resumed_dir / "unet").parameters())
+    assert all(torch.equal(a, b) for a, b in zip(exported, resumed))
 
 
 def test_multistep_without_backward_simulation_uses_real_latents(sdxl_pipeline_dir, data_dir, tmp_path):

@@ -113,6 +113,8 @@ class DMD2Config:
     adam_weight_decay: float = 0.01
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 10.0
+    use_ema: bool = False
+    ema_decay: float = 0.999
     use_8bit_adam: bool = False
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
@@ -178,6 +180,8 @@ class DMD2Config:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
         if not 0.0 <= self.min_step_percent < self.max_step_percent <= 1.0:
             raise ValueError("need 0 <= min_step_percent < max_step_percent <= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         steps = self.timesteps()
         if len(steps) != self.num_inference_steps:
             raise ValueError(f"denoising_timesteps must have num_inference_steps={self.num_inference_steps} entries")
@@ -266,8 +270,13 @@ def _load_lora_adapter(folder: str, unet, adapter_name: str) -> None:
         raise ValueError(f"unexpected LoRA keys in {folder}: {result.unexpected_keys[:5]}")
 
 
-def _register_checkpoint_hooks(accelerator, networks, pipeline_class) -> None:
-    """accelerate hooks: trainable weights in diffusers formats next to accelerate's optimizer/scheduler/RNG."""
+def _register_checkpoint_hooks(accelerator, networks, pipeline_class, ema=None) -> None:
+    """accelerate hooks: trainable weights in diffusers formats next to accelerate's optimizer/scheduler/RNG.
+
+    The generator EMA (diffusers' ``EMAModel``) goes into ``ema_generator.safetensors`` by hand: registering it with
+    ``accelerator.register_for_checkpointing`` would pickle it, and checkpoints here are safetensors only.
+    """
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     def save_hook(models, weights, output_dir):
@@ -285,6 +294,10 @@ def _register_checkpoint_hooks(accelerator, networks, pipeline_class) -> None:
         if networks.gan_head is not None:
             state = {k: v.contiguous() for k, v in networks.gan_head.state_dict().items()}
             save_file(state, os.path.join(output_dir, "gan_head.safetensors"))
+        if ema is not None:
+            shadow = {f"shadow.{i}": p.detach().contiguous() for i, p in enumerate(ema.shadow_params)}
+            save_file(shadow, os.path.join(output_dir, "ema_generator.safetensors"),
+                      metadata={"optimization_step": str(ema.optimization_step), "decay": str(ema.decay)})
 
     def load_hook(models, input_dir):
         from diffusers import UNet2DConditionModel
@@ -301,6 +314,15 @@ def _register_checkpoint_hooks(accelerator, networks, pipeline_class) -> None:
             networks.fake_unet.load_state_dict(loaded.state_dict())
         if networks.gan_head is not None:
             networks.gan_head.load_state_dict(load_file(os.path.join(input_dir, "gan_head.safetensors")))
+        if ema is not None:
+            path = os.path.join(input_dir, "ema_generator.safetensors")
+            if not os.path.isfile(path):
+                raise ValueError(f"use_ema is set but the checkpoint {input_dir} has no ema_generator.safetensors")
+            shadow = load_file(path, device=str(ema.shadow_params[0].device))
+            for i, p in enumerate(ema.shadow_params):
+                p.copy_(shadow[f"shadow.{i}"])
+            with safe_open(path, framework="pt") as f:
+                ema.optimization_step = int(f.metadata()["optimization_step"])
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -348,6 +370,20 @@ def _checkpointing_disabled(unet):
     finally:
         for m in modules:
             m.gradient_checkpointing = True
+
+
+@contextlib.contextmanager
+def _ema_weights(ema, params):
+    """Temporarily put the EMA weights into ``params`` (no-op without EMA)."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
 
 
 def _make_optimizer(params, lr: float, config: DMD2Config):
@@ -444,16 +480,9 @@ def _student_config(config: DMD2Config, teacher: DiffusionTeacher, timesteps: li
 
 def _save_student(config, networks, teacher, timesteps) -> None:
     """Final export through ``diffusers_distill.export`` (LoRA file, or a native full pipeline folder)."""
+    from diffusers_distill import export
+
     pipe = teacher.pipeline
-    try:
-        from diffusers_distill import export
-    except ImportError:  # export module missing: keep the raw weights so the run is not lost
-        logger.warning("diffusers_distill.export is not available; saving raw student weights only")
-        if networks.generator_is_lora:
-            _save_lora_adapter(config.output_dir, networks.base_unet, GENERATOR_ADAPTER, type(pipe))
-        else:
-            networks.generator_unet.save_pretrained(os.path.join(config.output_dir, "unet"))
-        return
     student_config = _student_config(config, teacher, timesteps)
     if networks.generator_is_lora:
         export.save_lora_student(config.output_dir, networks.base_unet, GENERATOR_ADAPTER, type(pipe), student_config)
@@ -493,7 +522,7 @@ def train_dmd2(config: DMD2Config) -> dict:
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
+    from diffusers.training_utils import EMAModel, cast_training_params
     from tqdm.auto import tqdm
 
     config.validate()
@@ -543,7 +572,10 @@ def train_dmd2(config: DMD2Config) -> dict:
         for opt in (optimizer_g, optimizer_c)
     ]  # fmt: skip
     optimizer_g, optimizer_c, scheduler_g, scheduler_c = accelerator.prepare(optimizer_g, optimizer_c, *schedulers)
-    _register_checkpoint_hooks(accelerator, networks, type(pipe))
+    # An EMA of the generator's trainable weights (full UNet or its LoRA adapter), updated after each generator step;
+    # the exported student and the validation grids use it.
+    ema = EMAModel(generator_params, decay=config.ema_decay) if config.use_ema else None
+    _register_checkpoint_hooks(accelerator, networks, type(pipe), ema)
 
     global_step = 0
     if config.resume_from_checkpoint:
@@ -569,7 +601,7 @@ def train_dmd2(config: DMD2Config) -> dict:
     losses_path = os.path.join(config.output_dir, "losses.jsonl")
     history: list[dict] = []
     last_checkpoint = find_latest_checkpoint(config.output_dir)
-    progress = tqdm(range(global_step, config.max_train_steps), initial=0, desc="DMD2",
+    progress = tqdm(range(global_step, config.max_train_steps), initial=global_step, total=config.max_train_steps, desc="DMD2",
                     disable=not accelerator.is_local_main_process)  # fmt: skip
 
     for step in progress:
@@ -613,6 +645,8 @@ def train_dmd2(config: DMD2Config) -> dict:
             networks.generator()  # the generator's adapter must be active if checkpointed blocks recompute
             optimizer_g.zero_grad(set_to_none=True)
             _optimizer_step(accelerator, optimizer_g, loss_g, generator_params, config.max_grad_norm)
+            if ema is not None:
+                ema.step(generator_params)
         scheduler_g.step()
 
         # ---- critic update: fake-score denoising (+ discriminator) loss on the detached sample
@@ -664,13 +698,15 @@ def train_dmd2(config: DMD2Config) -> dict:
                 accelerator, config.output_dir, global_step, config.checkpoints_total_limit
             )
         if config.validation_prompts and global_step % config.validation_steps == 0 and accelerator.is_main_process:
-            _log_validation(accelerator, config, networks, teacher, embed, timesteps, global_step)
+            with _ema_weights(ema, generator_params):
+                _log_validation(accelerator, config, networks, teacher, embed, timesteps, global_step)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if data.num_skipped_images:
             logger.warning("skipped %d unreadable images", data.num_skipped_images)
-        _save_student(config, networks, teacher, timesteps)
+        with _ema_weights(ema, generator_params):
+            _save_student(config, networks, teacher, timesteps)
         if config.push_to_hub:
             from diffusers_distill.hub import push_student_to_hub
 

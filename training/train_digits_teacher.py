@@ -93,24 +93,12 @@ def build_unet(sdxl: bool):
 
 
 def build_text_encoders(tokenizer_dir: str, seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from diffusers_distill.testing import tiny_clip_tokenizer
+    from diffusers_distill.testing import tiny_clip_tokenizer, tiny_text_config
 
     tokenizer = tiny_clip_tokenizer(words=PROMPT_WORDS, folder=tokenizer_dir, model_max_length=16)
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        max_position_embeddings=tokenizer.model_max_length,
-        projection_dim=TEXT_HIDDEN,
-        hidden_act="gelu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny_text_config(tokenizer, hidden_size=TEXT_HIDDEN, projection_dim=TEXT_HIDDEN, intermediate_size=64)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(config).eval().requires_grad_(False)
     text_encoder_2 = CLIPTextModelWithProjection(config).eval().requires_grad_(False)
