@@ -1,6 +1,7 @@
 """DMD2 on the bundled SD 1.5 digits teacher: 1-step and 4-step students vs the teacher, on CPU.
 
-    OMP_NUM_THREADS=1 python benchmarks/dmd2_quality.py [--max_train_steps 2000] [--output_dir outputs/benchmarks/dmd2_quality]
+    OMP_NUM_THREADS=1 python benchmarks/dmd2_quality.py [--max_train_steps 6000] [--ema_decay 0.999 | 0]
+                                                      [--gan_loss_weight 0] [--output_dir outputs/benchmarks/dmd2_quality]
 
 Trains the two students in parallel (two processes, one thread each), then samples the teacher with DDIM at 25 steps
 (the reference) and at the students' step counts (the no-distillation baseline), all at the guidance the students
@@ -54,7 +55,7 @@ def markdown_table(rows: list[dict], reference_fd: float) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max_train_steps", type=int, default=2000)
+    parser.add_argument("--max_train_steps", type=int, default=6000)
     parser.add_argument("--student_type", default="full", choices=["full", "lora"])
     parser.add_argument("--guidance", type=float, default=2.0, help="real-score CFG scale = teacher guidance")
     parser.add_argument("--learning_rate", type=float, default=1e-4)
@@ -63,14 +64,14 @@ def main(argv=None):
     parser.add_argument("--train_batch_size", type=int, default=16)
     parser.add_argument("--n_per_digit", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ema_decay", type=float, default=None, help="generator EMA decay (default: no EMA)")
+    parser.add_argument("--ema_decay", type=float, default=0.999, help="generator EMA decay; 0 = no EMA")
     parser.add_argument("--gan_loss_weight", type=float, default=0.0, help="> 0: GAN losses on the real digits")
     parser.add_argument("--sequential", action="store_true", help="train the two students one after the other")
     parser.add_argument("--output_dir", default="outputs/benchmarks/dmd2_quality")
     args = parser.parse_args(argv)
     if args.max_train_steps < 1:
         raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
-    if args.ema_decay is not None and not 0.0 <= args.ema_decay < 1.0:
+    if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     if args.gan_loss_weight < 0:
         raise ValueError(f"--gan_loss_weight must be >= 0, got {args.gan_loss_weight}")
@@ -86,7 +87,7 @@ def main(argv=None):
              guidance_learning_rate=args.guidance_learning_rate,
              dfake_gen_update_ratio=args.dfake_gen_update_ratio, train_batch_size=args.train_batch_size,
              n_per_digit=args.n_per_digit, gan_loss_weight=args.gan_loss_weight,
-             use_ema=args.ema_decay is not None, ema_decay=0.999 if args.ema_decay is None else args.ema_decay)
+             use_ema=args.ema_decay > 0, ema_decay=args.ema_decay)
         for n in STUDENT_STEPS
     ]  # fmt: skip
     with ProcessPoolExecutor(max_workers=1 if args.sequential else 2, mp_context=get_context("spawn")) as pool:
@@ -107,7 +108,7 @@ def main(argv=None):
         rows.append(_row(f"DMD2 {args.student_type} student", result["student"], result["train_seconds"]))
     reference_fd = rows[0]["digits_fd"]
     table = markdown_table(rows, reference_fd)
-    ema = "no EMA" if args.ema_decay is None else f"EMA {args.ema_decay:g}"
+    ema = f"EMA {args.ema_decay:g}" if args.ema_decay > 0 else "no EMA"
     header = (f"DMD2 on the bundled SD 1.5 digits teacher: {args.max_train_steps} iterations, batch "
               f"{args.train_batch_size}, lr {args.learning_rate:g} (fake score {args.guidance_learning_rate:g}), "
               f"TTUR {args.dfake_gen_update_ratio}, real CFG {args.guidance:g}, GAN weight {args.gan_loss_weight:g}, "

@@ -107,8 +107,8 @@ def stage_teacher(output_dir: str, arch: str = "sd15", schedulers=DEMO_SCHEDULER
 
 
 # The demo's DMD2 run (docs/dmd2.md, "Results on the bundled digits teacher"): a full 1-step student with an EMA.
-DEMO_DISTILL = dict(num_student_steps=1, max_train_steps=1500, student_type="full", learning_rate=1e-4,
-                    guidance_learning_rate=3e-4, real_guidance_scale=2.0, use_ema=True, ema_decay=0.99)
+DEMO_DISTILL = dict(num_student_steps=1, max_train_steps=3000, student_type="full", learning_rate=1e-4,
+                    guidance_learning_rate=3e-4, real_guidance_scale=2.0, use_ema=True, ema_decay=0.999)
 
 
 def distill_markdown(summary: dict) -> str:
