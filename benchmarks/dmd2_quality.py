@@ -34,25 +34,6 @@ def _train_student(kwargs: dict) -> dict:
     return distill_digits_teacher(**kwargs)
 
 
-def _row(name: str, metrics: dict, train_seconds=None) -> dict:
-    return {
-        "model": name, "steps": metrics["steps"], "prompt_accuracy": metrics["prompt_accuracy"],
-        "digits_fd": metrics["digits_fd"], "psnr": metrics.get("psnr"), "train_seconds": train_seconds,
-    }  # fmt: skip
-
-
-def markdown_table(rows: list[dict], reference_fd: float) -> str:
-    """Rows -> a markdown table; ``FD / teacher`` is relative to the teacher@25 digits-FD."""
-    lines = ["| model | steps | prompt acc. | digits-FD | FD / teacher@25 | PSNR vs teacher@25 (dB) | training |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        psnr = "-" if r["psnr"] is None else f"{r['psnr']:.1f}"
-        train = "-" if r["train_seconds"] is None else f"{r['train_seconds'] / 60:.1f} min"
-        lines.append(f"| {r['model']} | {r['steps']} | {r['prompt_accuracy']:.2f} | {r['digits_fd']:.1f} | "
-                     f"{r['digits_fd'] / reference_fd:.2f}x | {psnr} | {train} |")  # fmt: skip
-    return "\n".join(lines)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max_train_steps", type=int, default=6000)
@@ -78,6 +59,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     from diffusers_distill.digits import digits_teacher_path
     from diffusers_distill.evaluation import evaluate_pipeline, image_psnr
+    from diffusers_distill.training.distill_digits import result_row, results_markdown
 
     os.makedirs(args.output_dir, exist_ok=True)
     jobs = [
@@ -103,18 +85,18 @@ def main(argv=None):
             reference = m["images"]
         else:
             m["psnr"] = image_psnr(m["images"], reference)
-        rows.append(_row(f"teacher DDIM (CFG {args.guidance:g})", m))
+        rows.append(result_row(f"teacher DDIM (CFG {args.guidance:g})", m))
     for result in students:
-        rows.append(_row(f"DMD2 {args.student_type} student", result["student"], result["train_seconds"]))
+        rows.append(result_row(f"DMD2 {args.student_type} student", result["student"], result["train_seconds"]))
     reference_fd = rows[0]["digits_fd"]
-    table = markdown_table(rows, reference_fd)
+    table = results_markdown(rows, reference_fd)
     ema = f"EMA {args.ema_decay:g}" if args.ema_decay > 0 else "no EMA"
     header = (f"DMD2 on the bundled SD 1.5 digits teacher: {args.max_train_steps} iterations, batch "
               f"{args.train_batch_size}, lr {args.learning_rate:g} (fake score {args.guidance_learning_rate:g}), "
               f"TTUR {args.dfake_gen_update_ratio}, real CFG {args.guidance:g}, GAN weight {args.gan_loss_weight:g}, "
               f"{ema}; {10 * args.n_per_digit} images (seed {args.seed}); CPU, 1 thread per training.")
-    print(header + "\n\n" + table)
-    for path, text in (("dmd2_quality.md", header + "\n\n" + table + "\n"),
+    print(header + "\n\n" + table, end="")
+    for path, text in (("dmd2_quality.md", header + "\n\n" + table),
                        ("dmd2_quality.json", json.dumps({"args": vars(args), "rows": rows, "students": students},
                                                         indent=2, default=str))):  # fmt: skip
         tmp = os.path.join(args.output_dir, path + ".tmp")

@@ -113,16 +113,13 @@ DEMO_DISTILL = dict(num_student_steps=1, max_train_steps=3000, student_type="ful
 
 def distill_markdown(summary: dict) -> str:
     """A markdown table: the DMD2 student next to the teacher it was distilled from (same noise, same guidance)."""
+    from .training.distill_digits import result_row, results_markdown
+
     teacher, student = summary["teacher"], summary["student"]
-    lines = ["| model | steps | prompt acc. | digits-FD | FD / teacher | PSNR vs teacher (dB) | training |",
-             "|---|---|---|---|---|---|---|",
-             f"| teacher DDIM (CFG {teacher['guidance']:g}) | {teacher['steps']} | {teacher['prompt_accuracy']:.3f} | "
-             f"{teacher['digits_fd']:.2f} | 1.00x | - | - |",
-             f"| DMD2 student ({summary['student_type']}, {summary['global_step']} it.) | {student['steps']} | "
-             f"{student['prompt_accuracy']:.3f} | {student['digits_fd']:.2f} | "
-             f"{student['digits_fd'] / teacher['digits_fd']:.2f}x | {student['psnr']:.1f} | "
-             f"{summary['train_seconds'] / 60:.1f} min |"]  # fmt: skip
-    return "\n".join(lines) + "\n"
+    rows = [result_row(f"teacher DDIM (CFG {teacher['guidance']:g})", teacher),
+            result_row(f"DMD2 student ({summary['student_type']}, {summary['global_step']} it.)", student,
+                       summary["train_seconds"])]  # fmt: skip
+    return results_markdown(rows, teacher["digits_fd"])
 
 
 def stage_distill(output_dir: str, n_per_digit: int = 10, seed: int = 0, **overrides) -> dict:

@@ -22,7 +22,10 @@ import time
 
 import torch
 
-__all__ = ["distill_digits_teacher", "write_digit_prompts", "write_digit_images", "load_digits_student"]
+__all__ = [
+    "distill_digits_teacher", "write_digit_prompts", "write_digit_images", "load_digits_student", "result_row",
+    "results_markdown",
+]  # fmt: skip
 
 TEACHER_STEPS = 25
 TEACHER_SCHEDULER = "ddim"
@@ -90,6 +93,26 @@ def _check_args(num_student_steps, max_train_steps, student_type, real_guidance_
         raise ValueError(f"real_guidance_scale must be >= 1, got {real_guidance_scale!r}")
     if not isinstance(n_per_digit, int) or n_per_digit < 2:
         raise ValueError(f"n_per_digit must be an integer >= 2 (digits-FD needs a covariance), got {n_per_digit!r}")
+
+
+def result_row(name: str, metrics: dict, train_seconds: float | None = None) -> dict:
+    """One row of :func:`results_markdown` from :func:`evaluate_pipeline`-style metrics."""
+    return {
+        "model": name, "steps": metrics["steps"], "prompt_accuracy": metrics["prompt_accuracy"],
+        "digits_fd": metrics["digits_fd"], "psnr": metrics.get("psnr"), "train_seconds": train_seconds,
+    }  # fmt: skip
+
+
+def results_markdown(rows: list[dict], reference_fd: float) -> str:
+    """Rows -> a markdown table; ``FD / teacher@25`` is relative to ``reference_fd`` (the 25-step teacher's)."""
+    lines = ["| model | steps | prompt acc. | digits-FD | FD / teacher@25 | PSNR vs teacher@25 (dB) | training |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        psnr = "-" if r["psnr"] is None else f"{r['psnr']:.1f}"
+        train = "-" if r["train_seconds"] is None else f"{r['train_seconds'] / 60:.1f} min"
+        lines.append(f"| {r['model']} | {r['steps']} | {r['prompt_accuracy']:.3f} | {r['digits_fd']:.2f} | "
+                     f"{r['digits_fd'] / reference_fd:.2f}x | {psnr} | {train} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def _public(metrics: dict) -> dict:

@@ -318,10 +318,9 @@ def _register_checkpoint_hooks(accelerator, networks, pipeline_class, ema=None) 
             path = os.path.join(input_dir, "ema_generator.safetensors")
             if not os.path.isfile(path):
                 raise ValueError(f"use_ema is set but the checkpoint {input_dir} has no ema_generator.safetensors")
-            shadow = load_file(path, device=str(ema.shadow_params[0].device))
-            for i, p in enumerate(ema.shadow_params):
-                p.copy_(shadow[f"shadow.{i}"])
-            with safe_open(path, framework="pt") as f:
+            with safe_open(path, framework="pt", device=str(ema.shadow_params[0].device)) as f:
+                for i, p in enumerate(ema.shadow_params):
+                    p.copy_(f.get_tensor(f"shadow.{i}"))
                 ema.optimization_step = int(f.metadata()["optimization_step"])
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -601,8 +600,8 @@ def train_dmd2(config: DMD2Config) -> dict:
     losses_path = os.path.join(config.output_dir, "losses.jsonl")
     history: list[dict] = []
     last_checkpoint = find_latest_checkpoint(config.output_dir)
-    progress = tqdm(range(global_step, config.max_train_steps), initial=global_step, total=config.max_train_steps, desc="DMD2",
-                    disable=not accelerator.is_local_main_process)  # fmt: skip
+    progress = tqdm(range(global_step, config.max_train_steps), initial=global_step, total=config.max_train_steps,
+                    desc="DMD2", disable=not accelerator.is_local_main_process)  # fmt: skip
 
     for step in progress:
         rng = _step_generator(config.seed, step, accelerator.process_index)
