@@ -50,17 +50,17 @@ def build_networks(model: str, layout: str, device: str = "cpu"):
     from diffusers_distill.students import build_dmd2_networks
 
     rank = LORA_RANK[model]
+    unet = build_unet(model, device)
     return build_dmd2_networks(
-        build_unet(model, device), student_type=layout, fake_score_type=layout, lora_rank=rank, lora_alpha=rank,
-        fake_lora_rank=rank,
-    )  # fmt: skip
+        unet, student_type=layout, fake_score_type=layout, lora_rank=rank, lora_alpha=rank, fake_lora_rank=rank
+    )
 
 
 def analytic_bytes(networks) -> dict[str, float]:
     """fp32 bytes of parameters (every copy, frozen or not) + gradients + AdamW exp_avg/exp_avg_sq."""
-    modules = [networks.base_unet, networks.generator_unet, networks.fake_unet]
+    modules = [networks.base_unet, networks.generator_unet, networks.fake_score_unet]
     total = sum(p.numel() for m in modules if m is not None for p in m.parameters())
-    trainable = sum(p.numel() for p in networks.generator_parameters() + networks.critic_parameters())
+    trainable = sum(p.numel() for p in networks.parameters_of("generator") + networks.parameters_of("fake_score"))
     return {"params": total, "trainable": trainable, "bytes": 4 * (total + trainable + 2 * trainable)}
 
 
@@ -83,13 +83,14 @@ def measure(model: str, layout: str, latent_size: int) -> dict[str, float]:
     x_t = torch.randn(1, unet_config.in_channels, latent_size, latent_size, generator=generator)
     text = torch.randn(1, 77, unet_config.cross_attention_dim, generator=generator)
     inputs = (x_t, torch.tensor([999]), text)
-    opt_g = torch.optim.AdamW(networks.generator_parameters(), lr=1e-5)
-    opt_f = torch.optim.AdamW(networks.critic_parameters(), lr=1e-5)
+    opt_g = torch.optim.AdamW(networks.parameters_of("generator"), lr=1e-5)
+    opt_f = torch.optim.AdamW(networks.parameters_of("fake_score"), lr=1e-5)
     start = time.perf_counter()
-    with torch.no_grad():
-        networks.teacher()(*inputs)
-    _loss_step(networks.generator(), opt_g, inputs)
-    _loss_step(networks.fake(), opt_f, inputs)
+    with torch.no_grad(), networks.role("real_score") as real_score:
+        real_score(*inputs)
+    for role, optimizer in (("generator", opt_g), ("fake_score", opt_f)):
+        with networks.role(role) as unet:
+            _loss_step(unet, optimizer, inputs)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"rss_bytes": peak - rss_before, "seconds": seconds}
@@ -122,8 +123,8 @@ def main(argv=None):
                 row.update(measure_in_subprocess(model, layout, args.latent_size if model == "sd15" else 16))
             rows.append(row)
 
-    print(f"{'model':6} {'layout':6} {'params':>12} {'trainable':>12} {'analytic GiB':>13} {'peak RSS GiB':>13} "
-          f"{'step s':>8}")  # fmt: skip
+    header = f"{'model':6} {'layout':6} {'params':>12} {'trainable':>12} {'analytic GiB':>13} {'peak RSS GiB':>13}"
+    print(f"{header} {'step s':>8}")
     for r in rows:
         rss = f"{r['rss_bytes'] / GIB:13.3f}" if "rss_bytes" in r else f"{'-':>13}"
         sec = f"{r['seconds']:8.2f}" if "seconds" in r else f"{'-':>8}"
@@ -141,6 +142,8 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from diffusers_distill.fileio import atomic_path
+
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, model in zip(axes, ("tiny", "sd15")):
         sub = [r for r in rows if r["model"] == model]
@@ -154,8 +157,8 @@ def main(argv=None):
     fig.tight_layout()
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "dmd2_memory.png")
-    fig.savefig(path + ".tmp.png", dpi=120)
-    os.replace(path + ".tmp.png", path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     print(f"saved {path}")
     return rows
 

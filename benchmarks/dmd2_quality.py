@@ -13,7 +13,6 @@ teacher@25, training wall time) and writes ``dmd2_quality.md``, ``dmd2_quality.j
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -40,7 +39,9 @@ def main(argv=None):
     parser.add_argument("--student_type", default="full", choices=["full", "lora"])
     parser.add_argument("--guidance", type=float, default=2.0, help="real-score CFG scale = teacher guidance")
     parser.add_argument("--learning_rate", type=float, default=1e-4)
-    parser.add_argument("--guidance_learning_rate", type=float, default=3e-4, help="fake-score (critic) lr")
+    parser.add_argument(
+        "--fake_score_learning_rate", "--guidance_learning_rate", type=float, default=3e-4, help="fake-score lr"
+    )
     parser.add_argument("--dfake_gen_update_ratio", type=int, default=5)
     parser.add_argument("--train_batch_size", type=int, default=16)
     parser.add_argument("--n_per_digit", type=int, default=20)
@@ -59,19 +60,29 @@ def main(argv=None):
     torch.set_num_threads(1)
     from diffusers_distill.digits import digits_teacher_path
     from diffusers_distill.evaluation import evaluate_pipeline, image_psnr
+    from diffusers_distill.fileio import atomic_write_json, atomic_write_text
     from diffusers_distill.training.distill_digits import result_row, results_markdown
 
     os.makedirs(args.output_dir, exist_ok=True)
     jobs = [
-        dict(output_dir=os.path.join(args.output_dir, f"student-{n}step"), num_student_steps=n,
-             max_train_steps=args.max_train_steps, student_type=args.student_type, seed=args.seed,
-             real_guidance_scale=args.guidance, learning_rate=args.learning_rate,
-             guidance_learning_rate=args.guidance_learning_rate,
-             dfake_gen_update_ratio=args.dfake_gen_update_ratio, train_batch_size=args.train_batch_size,
-             n_per_digit=args.n_per_digit, gan_loss_weight=args.gan_loss_weight,
-             use_ema=args.ema_decay > 0, ema_decay=args.ema_decay)
+        dict(
+            output_dir=os.path.join(args.output_dir, f"student-{n}step"),
+            num_student_steps=n,
+            max_train_steps=args.max_train_steps,
+            student_type=args.student_type,
+            seed=args.seed,
+            real_guidance_scale=args.guidance,
+            learning_rate=args.learning_rate,
+            fake_score_learning_rate=args.fake_score_learning_rate,
+            dfake_gen_update_ratio=args.dfake_gen_update_ratio,
+            train_batch_size=args.train_batch_size,
+            n_per_digit=args.n_per_digit,
+            gan_loss_weight=args.gan_loss_weight,
+            use_ema=args.ema_decay > 0,
+            ema_decay=args.ema_decay,
+        )
         for n in STUDENT_STEPS
-    ]  # fmt: skip
+    ]
     with ProcessPoolExecutor(max_workers=1 if args.sequential else 2, mp_context=get_context("spawn")) as pool:
         students = list(pool.map(_train_student, jobs))
 
@@ -79,8 +90,15 @@ def main(argv=None):
     rows = []
     for steps in (25, *STUDENT_STEPS):
         grid = os.path.join(args.output_dir, f"teacher-ddim-{steps}.png")
-        m = evaluate_pipeline(teacher, scheduler="ddim", steps=steps, guidance=args.guidance,
-                              n_per_digit=args.n_per_digit, seed=args.seed, grid_path=grid)  # fmt: skip
+        m = evaluate_pipeline(
+            teacher,
+            scheduler="ddim",
+            steps=steps,
+            guidance=args.guidance,
+            n_per_digit=args.n_per_digit,
+            seed=args.seed,
+            grid_path=grid,
+        )
         if steps == 25:
             reference = m["images"]
         else:
@@ -91,18 +109,16 @@ def main(argv=None):
     reference_fd = rows[0]["digits_fd"]
     table = results_markdown(rows, reference_fd)
     ema = f"EMA {args.ema_decay:g}" if args.ema_decay > 0 else "no EMA"
-    header = (f"DMD2 on the bundled SD 1.5 digits teacher: {args.max_train_steps} iterations, batch "
-              f"{args.train_batch_size}, lr {args.learning_rate:g} (fake score {args.guidance_learning_rate:g}), "
-              f"TTUR {args.dfake_gen_update_ratio}, real CFG {args.guidance:g}, GAN weight {args.gan_loss_weight:g}, "
-              f"{ema}; {10 * args.n_per_digit} images (seed {args.seed}); CPU, 1 thread per training.")
+    header = (
+        f"DMD2 on the bundled SD 1.5 digits teacher: {args.max_train_steps} iterations, batch "
+        f"{args.train_batch_size}, lr {args.learning_rate:g} (fake score {args.fake_score_learning_rate:g}), "
+        f"TTUR {args.dfake_gen_update_ratio}, real CFG {args.guidance:g}, GAN weight {args.gan_loss_weight:g}, "
+        f"{ema}; {10 * args.n_per_digit} images (seed {args.seed}); CPU, 1 thread per training."
+    )
     print(header + "\n\n" + table, end="")
-    for path, text in (("dmd2_quality.md", header + "\n\n" + table),
-                       ("dmd2_quality.json", json.dumps({"args": vars(args), "rows": rows, "students": students},
-                                                        indent=2, default=str))):  # fmt: skip
-        tmp = os.path.join(args.output_dir, path + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(args.output_dir, path))
+    atomic_write_text(os.path.join(args.output_dir, "dmd2_quality.md"), header + "\n\n" + table)
+    report = {"args": vars(args), "rows": rows, "students": students}
+    atomic_write_json(os.path.join(args.output_dir, "dmd2_quality.json"), report, default=str, sort_keys=False)
     return rows
 
 

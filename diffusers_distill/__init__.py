@@ -19,8 +19,9 @@ _EXPORTS: dict[str, str] = {
     "FlowMatchGHVBScheduler": ".schedulers",
     "FlowMatchPLMSHeavyBallScheduler": ".schedulers",
     "FlowMatchDPMSolverHeavyBallScheduler": ".schedulers",
-    # DMD2 training (teacher wrapper, losses, network layout, training loop)
-    "DiffusionTeacher": ".teacher",
+    # DMD2 training (noise algebra, prompt encoding, losses, network layout, training loop)
+    "NoiseSchedule": ".noise_schedule",
+    "PromptEncoder": ".teacher",
     "distribution_matching_loss": ".losses",
     "fake_score_loss": ".losses",
     "gan_generator_loss": ".losses",

@@ -21,16 +21,13 @@ import dataclasses
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
+
+from .constants import ARCHITECTURES, LAYOUTS, NUM_TRAIN_TIMESTEPS, PREDICTION_TYPES, validate_timesteps
+from .fileio import atomic_directory, atomic_write_json
 
 STUDENT_CONFIG_NAME = "student_config.json"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-ARCH_CHOICES = ("sd15", "sdxl")
-STUDENT_TYPE_CHOICES = ("lora", "full")
-PREDICTION_TYPE_CHOICES = ("epsilon", "v_prediction", "sample")
-NUM_TRAIN_TIMESTEPS = 1000
 
 
 @dataclasses.dataclass
@@ -60,27 +57,21 @@ class StudentConfig:
     prediction_type: str = "epsilon"
 
     def __post_init__(self):
-        if self.arch not in ARCH_CHOICES:
-            raise ValueError(f"arch must be one of {ARCH_CHOICES}, got {self.arch!r}")
-        if self.student_type not in STUDENT_TYPE_CHOICES:
-            raise ValueError(f"student_type must be one of {STUDENT_TYPE_CHOICES}, got {self.student_type!r}")
-        if self.prediction_type not in PREDICTION_TYPE_CHOICES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPE_CHOICES}, got {self.prediction_type!r}")
+        for name, value, allowed in (
+            ("arch", self.arch, ARCHITECTURES),
+            ("student_type", self.student_type, LAYOUTS),
+            ("prediction_type", self.prediction_type, PREDICTION_TYPES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {self.num_inference_steps!r}")
-        self.timesteps = [int(t) for t in self.timesteps]
         if len(self.timesteps) != self.num_inference_steps:
             raise ValueError(
                 f"timesteps must have num_inference_steps={self.num_inference_steps} entries, got {self.timesteps}"
             )
-        if any(not 0 <= t < NUM_TRAIN_TIMESTEPS for t in self.timesteps):
-            raise ValueError(f"timesteps must lie in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {self.timesteps}")
-        if any(a <= b for a, b in zip(self.timesteps, self.timesteps[1:])):
-            raise ValueError(f"timesteps must be strictly decreasing, got {self.timesteps}")
-        if not 0 <= self.conditioning_timestep < NUM_TRAIN_TIMESTEPS:
-            raise ValueError(
-                f"conditioning_timestep must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {self.conditioning_timestep}"
-            )
+        self.timesteps = validate_timesteps(self.timesteps, "timesteps")
+        validate_timesteps([self.conditioning_timestep], "conditioning_timestep")
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
 
@@ -95,67 +86,12 @@ class StudentConfig:
 
     def save(self, directory: str | os.PathLike) -> str:
         """Write ``student_config.json`` into ``directory`` atomically; returns the file path."""
-        path = os.path.join(directory, STUDENT_CONFIG_NAME)
-        _atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return path
+        return atomic_write_json(os.path.join(directory, STUDENT_CONFIG_NAME), self.to_dict())
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> StudentConfig:
         with open(os.path.join(directory, STUDENT_CONFIG_NAME), encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _move_entries_into(staging: str, output_dir: str) -> None:
-    """Move every top-level entry of ``staging`` into ``output_dir``, replacing entries of the same name.
-
-    Files are moved with one ``os.replace``; an existing folder is first renamed aside, then the new one renamed in,
-    then the old one deleted, so a reader never sees a half-written folder. Other entries of ``output_dir``
-    (training checkpoints, logs) are left alone.
-    """
-    for name in sorted(os.listdir(staging)):
-        source, target = os.path.join(staging, name), os.path.join(output_dir, name)
-        if os.path.isdir(source) and os.path.isdir(target):
-            old = tempfile.mkdtemp(dir=output_dir, prefix=f".old-{name}-")
-            os.rmdir(old)
-            os.replace(target, old)
-            os.replace(source, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(source, target)
-
-
-class _Staging:
-    """Context manager: a temporary folder inside ``output_dir`` that is moved into place only on success."""
-
-    def __init__(self, output_dir: str | os.PathLike):
-        self.output_dir = os.fspath(output_dir)
-
-    def __enter__(self) -> str:
-        os.makedirs(self.output_dir, exist_ok=True)
-        self.path = tempfile.mkdtemp(dir=self.output_dir, prefix=".tmp-export-")
-        return self.path
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
-                _move_entries_into(self.path, self.output_dir)
-        finally:
-            shutil.rmtree(self.path, ignore_errors=True)
-        return False
 
 
 def lora_adapter_metadata(unet, adapter_name: str) -> dict[str, Any]:
@@ -165,17 +101,42 @@ def lora_adapter_metadata(unet, adapter_name: str) -> dict[str, Any]:
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
 
 
-def save_lora_student(output_dir, unet, adapter_name: str, pipeline_class, student_config: StudentConfig) -> str:
-    """Save the LoRA student ``adapter_name`` of ``unet`` so ``pipe.load_lora_weights(output_dir)`` reproduces it.
-
-    Writes ``pytorch_lora_weights.safetensors`` (diffusers key format, ``unet.*.lora.down/up``) with the adapter's
-    ``LoraConfig`` in the metadata (without it a LoRA with ``alpha != rank`` reloads with the wrong scale), and
-    ``student_config.json``. ``pipeline_class`` is the base pipeline class (e.g. ``StableDiffusionXLPipeline``),
-    whose ``save_lora_weights`` picks the right format. Returns ``output_dir``.
-    """
+def save_lora_adapter(folder, unet, adapter_name: str, pipeline_class) -> None:
+    """THE LoRA save path (training checkpoints and the exported student): the adapter ``adapter_name`` of ``unet``
+    as ``pytorch_lora_weights.safetensors`` in diffusers' key format, with its ``LoraConfig`` in the metadata (without
+    it a LoRA with ``alpha != rank`` reloads with the wrong scale). ``pipeline_class.save_lora_weights`` picks the
+    SD 1.5 / SDXL layout."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
+    pipeline_class.save_lora_weights(
+        folder,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name)),
+        unet_lora_adapter_metadata=lora_adapter_metadata(unet, adapter_name),
+        weight_name=LORA_WEIGHT_NAME,
+        safe_serialization=True,
+    )
+
+
+def load_lora_adapter(folder, unet, adapter_name: str) -> None:
+    """Load a file written by :func:`save_lora_adapter` into the existing adapter ``adapter_name`` of ``unet``."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(os.path.join(folder, LORA_WEIGHT_NAME))
+    state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name=adapter_name)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"unexpected LoRA keys in {folder}: {result.unexpected_keys[:5]}")
+
+
+def save_lora_student(output_dir, unet, adapter_name: str, pipeline_class, student_config: StudentConfig) -> str:
+    """Save the LoRA student ``adapter_name`` of ``unet`` so ``pipe.load_lora_weights(output_dir)`` reproduces it.
+
+    Writes :func:`save_lora_adapter`'s file and ``student_config.json``. ``pipeline_class`` is the base pipeline
+    class (e.g. ``StableDiffusionXLPipeline``). Returns ``output_dir``.
+    """
     if student_config.student_type != "lora":
         raise ValueError(
             f"student_config.student_type must be 'lora' for save_lora_student, got {student_config.student_type!r}"
@@ -187,17 +148,8 @@ def save_lora_student(output_dir, unet, adapter_name: str, pipeline_class, stude
         raise ValueError(
             f"pipeline_class must have save_lora_weights (a diffusers LoRA pipeline), got {pipeline_class!r}"
         )
-
-    state_dict = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    lora_layers = convert_state_dict_to_diffusers(state_dict)
-    with _Staging(output_dir) as staging:
-        pipeline_class.save_lora_weights(
-            staging,
-            unet_lora_layers=lora_layers,
-            unet_lora_adapter_metadata=lora_adapter_metadata(unet, adapter_name),
-            weight_name=LORA_WEIGHT_NAME,
-            safe_serialization=True,
-        )
+    with atomic_directory(output_dir) as staging:
+        save_lora_adapter(staging, unet, adapter_name, pipeline_class)
         student_config.save(staging)
     return os.fspath(output_dir)
 
@@ -261,7 +213,7 @@ def save_full_student(output_dir, teacher_pipeline, student_unet, student_config
         k: v for k, v in teacher_pipeline.config.items() if k in init_params and k not in components
     }
     student_pipeline = native(**components, **extra_config)  # always the native class, even for a subclass teacher
-    with _Staging(output_dir) as staging:
+    with atomic_directory(output_dir) as staging:
         student_pipeline.save_pretrained(staging, safe_serialization=True)
         student_config.save(staging)
     return os.fspath(output_dir)

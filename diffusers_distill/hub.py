@@ -11,20 +11,26 @@ import os
 import re
 import shlex
 import shutil
-import tempfile
 
-from diffusers_distill.export import LORA_WEIGHT_NAME, STUDENT_CONFIG_NAME, StudentConfig
+from .export import LORA_WEIGHT_NAME, STUDENT_CONFIG_NAME, StudentConfig
+from .fileio import atomic_path, atomic_write_text
 
 SAMPLE_IMAGE_PATH = "images/sample_grid.png"
 # training leftovers that must not be uploaded
 UPLOAD_IGNORE_PATTERNS = ("checkpoint-*", "checkpoint-*/*", "logs/*", "validation/*", ".tmp*", ".old-*", "*.jsonl")
 
 _ARCH_INFO = {
-    "sd15": {"native": "StableDiffusionPipeline", "ours": "DMD2StableDiffusionPipeline",
-             "tags": ["stable-diffusion", "stable-diffusion-diffusers"]},
-    "sdxl": {"native": "StableDiffusionXLPipeline", "ours": "DMD2StableDiffusionXLPipeline",
-             "tags": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]},
-}  # fmt: skip
+    "sd15": {
+        "native": "StableDiffusionPipeline",
+        "ours": "DMD2StableDiffusionPipeline",
+        "tags": ["stable-diffusion", "stable-diffusion-diffusers"],
+    },
+    "sdxl": {
+        "native": "StableDiffusionXLPipeline",
+        "ours": "DMD2StableDiffusionXLPipeline",
+        "tags": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"],
+    },
+}
 _METHOD_INFO = {"dmd2": ("DMD2 (Improved Distribution Matching Distillation)", "2405.14867")}
 
 
@@ -40,8 +46,10 @@ def model_card_tags(config: StudentConfig) -> list[str]:
 def _usage_snippets(config: StudentConfig, repo_id: str) -> str:
     info = _ARCH_INFO[config.arch]
     base = config.base_model or "<base model id>"
-    call = f'pipe("a photo of a cat", num_inference_steps={config.num_inference_steps}, ' \
-           f'timesteps={config.timesteps}, guidance_scale={config.guidance_scale}).images[0]'  # fmt: skip
+    call = (
+        f'pipe("a photo of a cat", num_inference_steps={config.num_inference_steps}, '
+        f"timesteps={config.timesteps}, guidance_scale={config.guidance_scale}).images[0]"
+    )
     if config.student_type == "lora":
         plain_load = (
             f'pipe = {info["native"]}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")\n'
@@ -70,9 +78,7 @@ def model_card_text(config: StudentConfig, repo_id: str, sample_image: str | Non
 
     method_name, arxiv = _METHOD_INFO.get(config.method, (config.method, None))
     tags = model_card_tags(config) + ([f"arxiv:{arxiv}"] if arxiv else [])
-    data = ModelCardData(
-        library_name="diffusers", pipeline_tag="text-to-image", base_model=config.base_model, tags=tags,
-    )  # fmt: skip
+    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", base_model=config.base_model, tags=tags)
     kind = "LoRA adapter" if config.student_type == "lora" else "full UNet (complete pipeline folder)"
     lines = [
         f"# {repo_id.split('/')[-1]}",
@@ -135,15 +141,37 @@ def write_model_card(output_dir, repo_id: str | None = None, sample_image: str |
         target = os.path.join(output_dir, SAMPLE_IMAGE_PATH)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if os.path.abspath(sample_image) != os.path.abspath(target):
-            shutil.copyfile(sample_image, target + ".tmp")
-            os.replace(target + ".tmp", target)
+            with atomic_path(target) as tmp:
+                shutil.copyfile(sample_image, tmp)
         shown = SAMPLE_IMAGE_PATH
-    path = os.path.join(output_dir, "README.md")
-    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".tmp-readme-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(model_card_text(config, repo_id, shown))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(os.path.join(output_dir, "README.md"), model_card_text(config, repo_id, shown))
+
+
+def check_repo_id(repo_id, flag: str = "repo_id") -> str:
+    """Raise ValueError unless ``repo_id`` looks like ``name`` or ``user/name``."""
+    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/") or " " in repo_id:
+        raise ValueError(f"{flag} must look like 'name' or 'user/name', got {repo_id!r}")
+    return repo_id
+
+
+def prepare_hub_repo(repo_id: str, token: str | None = None, private: bool = False) -> str:
+    """Check the token and create ``repo_id`` (if missing) BEFORE training, so a bad token or repo name fails in
+    seconds rather than after the run; returns the full repo id (``user/name``) that the final upload uses.
+
+    Raises ValueError with one line saying what to fix.
+    """
+    from huggingface_hub import create_repo
+
+    check_repo_id(repo_id, "hub_model_id")
+    try:
+        url = create_repo(repo_id, token=token, private=private, exist_ok=True)
+    except Exception as error:  # noqa: BLE001 - any Hub failure: report it in one line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"--push_to_hub: cannot create or access the Hub repo {repo_id!r} ({reason}); log in with `hf auth "
+            "login` or pass --hub_token, or pick another --hub_model_id"
+        ) from error
+    return getattr(url, "repo_id", None) or repo_id
 
 
 def retry_command(output_dir: str, repo_id: str, private: bool = False) -> str:
@@ -155,8 +183,14 @@ def retry_command(output_dir: str, repo_id: str, private: bool = False) -> str:
     return shlex.join(parts)
 
 
-def push_student_to_hub(output_dir, repo_id: str, token: str | None = None, private: bool = False,
-                        commit_message: str = "Upload DMD2 student", write_card: bool = True):  # fmt: skip
+def push_student_to_hub(
+    output_dir,
+    repo_id: str,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload DMD2 student",
+    write_card: bool = True,
+):
     """Upload an exported student folder to ``repo_id`` (created if missing) with a model card.
 
     Training leftovers (``checkpoint-*``, ``logs``, ``validation``, temp files) are not uploaded. If the upload fails,
@@ -168,16 +202,18 @@ def push_student_to_hub(output_dir, repo_id: str, token: str | None = None, priv
     output_dir = os.fspath(output_dir)
     if not os.path.isfile(os.path.join(output_dir, STUDENT_CONFIG_NAME)):
         raise ValueError(f"output_dir must contain {STUDENT_CONFIG_NAME} (an exported student), got {output_dir!r}")
-    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
-        raise ValueError(f"repo_id must look like 'name' or 'user/name', got {repo_id!r}")
+    check_repo_id(repo_id)
     if write_card and not os.path.isfile(os.path.join(output_dir, "README.md")):
         write_model_card(output_dir, repo_id)
     try:
         create_repo(repo_id, token=token, private=private, exist_ok=True)
         return upload_folder(
-            repo_id=repo_id, folder_path=output_dir, commit_message=commit_message, token=token,
+            repo_id=repo_id,
+            folder_path=output_dir,
+            commit_message=commit_message,
+            token=token,
             ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),  # the client extends the list in place
-        )  # fmt: skip
+        )
     except Exception as error:
         raise RuntimeError(
             f"Uploading {output_dir!r} to the Hub repo {repo_id!r} failed: {error}\n"

@@ -1,15 +1,15 @@
-"""Network layout of DMD2 (arXiv 2405.14867): real score (frozen teacher), fake score + GAN head, generator.
+"""Network layout of DMD2 (arXiv 2405.14867): generator, fake score (+ GAN head) and real score (the frozen teacher).
 
-Two layouts, selectable per role:
+Two layouts, selectable per trainable role:
 
-* **LoRA shared base** (beyond the reference code): ONE frozen base UNet in memory; the teacher is the base with
+* **LoRA shared base** (beyond the reference code): ONE frozen base UNet in memory; the real score is the base with
   adapters disabled, the generator is the base with the peft adapter ``"generator"``, the fake score the base
-  with the adapter ``"fake"`` (its own rank).
+  with the adapter ``"fake_score"`` (its own rank).
 * **Full**: a trainable ``copy.deepcopy`` of the base for the generator and/or the fake score (the reference layout:
   three UNets).
 
-The GAN discriminator (DMD2 Sec. 4.2, App. F.1) is a small conv head on the fake network's mid-block output,
-captured with a forward hook that stops the UNet forward right after the mid block ("classify mode").
+The GAN discriminator (DMD2 Sec. 4.2, App. F.1) is a small conv head on the fake score's mid-block output,
+captured with a forward hook that stops the UNet forward right after the mid block.
 The generator runs in 1-step mode (pure noise at a conditioning timestep) or N-step mode (fixed timesteps,
 e.g. 999/749/499/249) with backward simulation (DMD2 Sec. 4.4).
 """
@@ -23,12 +23,18 @@ import math
 import torch
 from torch import nn
 
-from .teacher import DiffusionTeacher, PromptEmbeddings
+from .constants import DEFAULT_LORA_TARGET_MODULES, LAYOUTS, dmd2_timesteps
+from .noise_schedule import NoiseSchedule
+from .randomness import randn
+from .teacher import PromptEmbeddings, predict_x0, unet_output
 
 __all__ = [
     "DEFAULT_LORA_TARGET_MODULES",
     "DMD2Networks",
+    "FAKE_SCORE_ADAPTER",
     "GANHead",
+    "GENERATOR_ADAPTER",
+    "ROLES",
     "build_dmd2_networks",
     "generator_input",
     "generator_timesteps",
@@ -36,14 +42,9 @@ __all__ = [
     "sample_student",
 ]
 
-# The module list of diffusers' LCM-LoRA SDXL script, which DMD2's LoRA also uses.
-DEFAULT_LORA_TARGET_MODULES = (
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
-)  # fmt: skip
-LAYOUT_CHOICES = ("lora", "full")
 GENERATOR_ADAPTER = "generator"
-FAKE_ADAPTER = "fake"
+FAKE_SCORE_ADAPTER = "fake_score"
+generator_timesteps = dmd2_timesteps  # the student's fixed timestep list (kept under its old name)
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -100,80 +101,87 @@ def mid_block_features(unet):
         handle.remove()
 
 
-def generator_timesteps(num_inference_steps: int, conditioning_timestep: int = 999, num_train_timesteps: int = 1000):
-    """Student timesteps: ``[conditioning_timestep]`` for 1 step, else DMD2's fixed list
-    ``range(T-1, 0, -(T // N))``, e.g. [999, 749, 499, 249] for N=4."""
-    if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-    if not 0 <= conditioning_timestep < num_train_timesteps:
-        raise ValueError(
-            f"conditioning_timestep must be in [0, {num_train_timesteps - 1}], got {conditioning_timestep}"
-        )
-    if num_inference_steps == 1:
-        return [conditioning_timestep]
-    return list(range(num_train_timesteps - 1, 0, -(num_train_timesteps // num_inference_steps)))[:num_inference_steps]
+ROLES = ("generator", "fake_score", "real_score")
 
 
 class DMD2Networks(nn.Module):
-    """Holds the base UNet, optional full copies, the GAN head, and runs each role with the right adapter."""
+    """The three DMD2 networks (generator, fake score, real score) and the GAN head, on one frozen base UNet.
 
-    def __init__(self, base_unet, generator_unet=None, fake_unet=None, gan_head: GANHead | None = None):
+    Run a role inside ``with nets.role("fake_score") as unet:``: the context activates the role's LoRA adapter (or
+    the adapters off, for the real score) and returns the UNet to call; leaving it restores the role that was active
+    before, so roles nest. A backward pass through a gradient-checkpointed LoRA role must run inside that role's
+    context, because the recomputation uses whichever adapter is active then.
+    """
+
+    def __init__(self, base_unet, generator_unet=None, fake_score_unet=None, gan_head: GANHead | None = None):
         super().__init__()
         self.base_unet = base_unet
         self.generator_unet = generator_unet  # None -> LoRA adapter "generator" on the base
-        self.fake_unet = fake_unet  # None -> LoRA adapter "fake" on the base
+        self.fake_score_unet = fake_score_unet  # None -> LoRA adapter "fake_score" on the base
         self.gan_head = gan_head
+        self._active: list[str] = []
 
     @property
     def generator_is_lora(self) -> bool:
         return self.generator_unet is None
 
     @property
-    def fake_is_lora(self) -> bool:
-        return self.fake_unet is None
+    def fake_score_is_lora(self) -> bool:
+        return self.fake_score_unet is None
 
-    def _activate(self, adapter: str | None):
-        if self.generator_is_lora or self.fake_is_lora:
-            if adapter is None:
-                self.base_unet.disable_adapters()
-            else:
-                self.base_unet.enable_adapters()
-                self.base_unet.set_adapter(adapter)
+    def _activate(self, role: str) -> None:
+        if not (self.generator_is_lora or self.fake_score_is_lora):
+            return
+        adapter = {"generator": GENERATOR_ADAPTER, "fake_score": FAKE_SCORE_ADAPTER}.get(role)
+        if adapter is None or (role == "generator" and not self.generator_is_lora) or (
+            role == "fake_score" and not self.fake_score_is_lora
+        ):
+            self.base_unet.disable_adapters()  # the real score, or a role with its own full UNet
+        else:
+            self.base_unet.enable_adapters()
+            self.base_unet.set_adapter(adapter)
 
-    def teacher(self):
-        """The frozen real-score network (base with adapters disabled)."""
-        self._activate(None)
+    def unet(self, role: str):
+        """The module that computes ``role`` (the shared base for LoRA roles and the real score)."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if role == "generator" and not self.generator_is_lora:
+            return self.generator_unet
+        if role == "fake_score" and not self.fake_score_is_lora:
+            return self.fake_score_unet
         return self.base_unet
 
-    def generator(self):
-        if self.generator_is_lora:
-            self._activate(GENERATOR_ADAPTER)
-            return self.base_unet
-        return self.generator_unet
+    @contextlib.contextmanager
+    def role(self, role: str):
+        """Context in which ``role``'s adapter is active; yields the UNet to call for it."""
+        unet = self.unet(role)
+        self._active.append(role)
+        self._activate(role)
+        try:
+            yield unet
+        finally:
+            self._active.pop()
+            if self._active:
+                self._activate(self._active[-1])
 
-    def fake(self):
-        if self.fake_is_lora:
-            self._activate(FAKE_ADAPTER)
-            return self.base_unet
-        return self.fake_unet
-
-    def generator_parameters(self) -> list[nn.Parameter]:
-        if self.generator_is_lora:
-            return [p for n, p in self.base_unet.named_parameters() if f".{GENERATOR_ADAPTER}." in n]
-        return list(self.generator_unet.parameters())
-
-    def critic_parameters(self) -> list[nn.Parameter]:
-        if self.fake_is_lora:
-            params = [p for n, p in self.base_unet.named_parameters() if f".{FAKE_ADAPTER}." in n]
+    def parameters_of(self, role: str) -> list[nn.Parameter]:
+        """Trainable parameters of ``"generator"`` or ``"fake_score"`` (which includes the GAN head)."""
+        if role == "generator":
+            if self.generator_is_lora:
+                return [p for n, p in self.base_unet.named_parameters() if f".{GENERATOR_ADAPTER}." in n]
+            return list(self.generator_unet.parameters())
+        if role != "fake_score":
+            raise ValueError(f"role must be 'generator' or 'fake_score' (the real score is frozen), got {role!r}")
+        if self.fake_score_is_lora:
+            params = [p for n, p in self.base_unet.named_parameters() if f".{FAKE_SCORE_ADAPTER}." in n]
         else:
-            params = list(self.fake_unet.parameters())
+            params = list(self.fake_score_unet.parameters())
         return params + (list(self.gan_head.parameters()) if self.gan_head is not None else [])
 
-    def classify(self, teacher: DiffusionTeacher, x_t, timesteps, embeddings: PromptEmbeddings) -> torch.Tensor:
-        """GAN logits: fake network run up to its mid block on noised inputs, then the head."""
-        unet = self.fake()
-        with mid_block_features(unet) as capture:
-            features = capture(lambda: teacher.predict(unet, x_t, timesteps, embeddings))
+    def gan_logits(self, x_t, timesteps, embeddings: PromptEmbeddings) -> torch.Tensor:
+        """GAN logits: the fake score run up to its mid block on noised inputs, then the head."""
+        with self.role("fake_score") as unet, mid_block_features(unet) as capture:
+            features = capture(lambda: unet_output(unet, x_t, timesteps, embeddings))
         return self.gan_head(features)
 
 
@@ -181,9 +189,11 @@ def _lora_config(rank: int, alpha: float | None, target_modules):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=rank, lora_alpha=rank if alpha is None else alpha, init_lora_weights="gaussian",
+        r=rank,
+        lora_alpha=rank if alpha is None else alpha,
+        init_lora_weights="gaussian",
         target_modules=list(target_modules),
-    )  # fmt: skip
+    )
 
 
 def build_dmd2_networks(
@@ -202,28 +212,27 @@ def build_dmd2_networks(
     ``gan_feature_size`` = spatial size of the mid-block output (latent size / 2**(levels-1)); None -> no GAN head.
     """
     for name, value in (("student_type", student_type), ("fake_score_type", fake_score_type)):
-        if value not in LAYOUT_CHOICES:
-            raise ValueError(f"{name} must be one of {LAYOUT_CHOICES}, got {value!r}")
+        if value not in LAYOUTS:
+            raise ValueError(f"{name} must be one of {LAYOUTS}, got {value!r}")
     base_unet.requires_grad_(False)
     generator_unet = copy.deepcopy(base_unet).requires_grad_(True) if student_type == "full" else None
-    fake_unet = copy.deepcopy(base_unet).requires_grad_(True) if fake_score_type == "full" else None
+    fake_score_unet = copy.deepcopy(base_unet).requires_grad_(True) if fake_score_type == "full" else None
     if student_type == "lora":
         base_unet.add_adapter(_lora_config(lora_rank, lora_alpha, lora_target_modules), adapter_name=GENERATOR_ADAPTER)
     if fake_score_type == "lora":
-        base_unet.add_adapter(
-            _lora_config(fake_lora_rank, fake_lora_alpha, lora_target_modules), adapter_name=FAKE_ADAPTER
-        )
+        config = _lora_config(fake_lora_rank, fake_lora_alpha, lora_target_modules)
+        base_unet.add_adapter(config, adapter_name=FAKE_SCORE_ADAPTER)
     for name, param in base_unet.named_parameters():  # only adapter weights train
-        param.requires_grad_(f".{GENERATOR_ADAPTER}." in name or f".{FAKE_ADAPTER}." in name)
+        param.requires_grad_(f".{GENERATOR_ADAPTER}." in name or f".{FAKE_SCORE_ADAPTER}." in name)
     head = None
     if gan_feature_size is not None:
         head = GANHead(base_unet.config.block_out_channels[-1], gan_feature_size)
-    return DMD2Networks(base_unet, generator_unet, fake_unet, head)
+    return DMD2Networks(base_unet, generator_unet, fake_score_unet, head)
 
 
 def generator_input(
     networks: DMD2Networks,
-    teacher: DiffusionTeacher,
+    schedule: NoiseSchedule,
     noise: torch.Tensor,
     embeddings: PromptEmbeddings,
     timesteps: list[int],
@@ -234,25 +243,26 @@ def generator_input(
 
     With ``num_simulated_steps = k`` the generator itself (without gradient) runs the first k of its own
     sampling steps from ``noise``; the last x0 is re-noised with fresh noise to ``timesteps[k]``. k = 0 is pure
-    noise at ``timesteps[0]`` (the 1-step case).
+    noise at ``timesteps[0]`` (the 1-step case). ``generator`` may live on another device than ``noise``.
     """
     if not 0 <= num_simulated_steps < len(timesteps):
         raise ValueError(f"num_simulated_steps must be in [0, {len(timesteps) - 1}], got {num_simulated_steps}")
     x_t = noise.float()
     batch = noise.shape[0]
-    with torch.no_grad():
+    with torch.no_grad(), networks.role("generator") as unet:
         for i in range(num_simulated_steps):
             t = torch.full((batch,), timesteps[i], device=noise.device, dtype=torch.long)
-            x0 = teacher.predict_x0(networks.generator(), x_t, t, embeddings)
-            fresh = torch.randn(noise.shape, generator=generator, device=noise.device)
-            x_t = teacher.add_noise(x0, fresh, torch.full_like(t, timesteps[i + 1]))
+            x0 = predict_x0(unet, schedule, x_t, t, embeddings)
+            fresh = randn(noise.shape, generator, noise.device)
+            x_t = schedule.add_noise(x0, fresh, torch.full_like(t, timesteps[i + 1]))
     t_in = torch.full((batch,), timesteps[num_simulated_steps], device=noise.device, dtype=torch.long)
     return x_t, t_in
 
 
 @torch.no_grad()
-def sample_student(networks, teacher, embeddings, timesteps, noise, generator=None) -> torch.Tensor:
+def sample_student(networks, schedule, embeddings, timesteps, noise, generator=None) -> torch.Tensor:
     """Consistency-style multi-step sampling: x0 = G(x_t, t_i), then re-noise to t_{i+1} with fresh noise."""
-    x_t, _ = generator_input(networks, teacher, noise, embeddings, timesteps, len(timesteps) - 1, generator)
+    x_t, _ = generator_input(networks, schedule, noise, embeddings, timesteps, len(timesteps) - 1, generator)
     t = torch.full((noise.shape[0],), timesteps[-1], device=noise.device, dtype=torch.long)
-    return teacher.predict_x0(networks.generator(), x_t, t, embeddings)
+    with networks.role("generator") as unet:
+        return predict_x0(unet, schedule, x_t, t, embeddings)

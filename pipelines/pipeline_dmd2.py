@@ -26,6 +26,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2D
 from diffusers.utils import logging
 
 from diffusers_distill.export import STUDENT_CONFIG_NAME, StudentConfig, student_scheduler
+from diffusers_distill.fileio import atomic_write_json
 
 logger = logging.get_logger(__name__)
 
@@ -61,9 +62,15 @@ class DMD2PipelineMixin:
     student_config: StudentConfig | None = None
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, student=None,
-                        student_adapter_name: str = DEFAULT_ADAPTER_NAME, fuse_student: bool = False,
-                        **kwargs):  # fmt: skip
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *args,
+        student=None,
+        student_adapter_name: str = DEFAULT_ADAPTER_NAME,
+        fuse_student: bool = False,
+        **kwargs,
+    ):
         """Load a pipeline; ``student=`` (folder or Hub id of a saved student) is added with :meth:`load_student`.
 
         Without ``student=``, a ``student_config.json`` in ``pretrained_model_name_or_path`` (a full student folder)
@@ -91,8 +98,9 @@ class DMD2PipelineMixin:
         self.student_config = config
         self.scheduler = student_scheduler(self.scheduler.config, config)
 
-    def load_student(self, student, adapter_name: str = DEFAULT_ADAPTER_NAME, fuse: bool = False,
-                     lora_scale: float = 1.0, **hub_kwargs):  # fmt: skip
+    def load_student(
+        self, student, adapter_name: str = DEFAULT_ADAPTER_NAME, fuse: bool = False, lora_scale: float = 1.0, **hub_kwargs
+    ):
         """Load a saved student (local folder or Hub id) into this (base) pipeline.
 
         LoRA students are loaded with ``load_lora_weights(adapter_name=...)`` (optionally fused at ``lora_scale``);
@@ -128,12 +136,8 @@ class DMD2PipelineMixin:
                 guidance_scale = config.guidance_scale
             if num_inference_steps is None and timesteps is not None:
                 num_inference_steps = len(timesteps)
-        call = {}
-        for name, value in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
-                            ("guidance_scale", guidance_scale)):  # fmt: skip
-            if value is not None:
-                call[name] = value
-        return call
+        values = {"num_inference_steps": num_inference_steps, "timesteps": timesteps, "guidance_scale": guidance_scale}
+        return {name: value for name, value in values.items() if value is not None}
 
     def __call__(self, prompt=None, *, num_inference_steps=None, timesteps=None, guidance_scale=None, **kwargs):
         """Same as the parent pipeline's ``__call__``; unset steps/timesteps/guidance come from the student config."""
@@ -155,10 +159,7 @@ class DMD2PipelineMixin:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
         index["_class_name"] = self._native_class.__name__
-        tmp = index_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2, sort_keys=True)
-        os.replace(tmp, index_path)
+        atomic_write_json(index_path, index)
         if self.student_config is not None:
             self.student_config.save(save_directory)
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from diffusers_distill.training import dmd2 as dmd2_module
+from diffusers_distill.training.config import ConfigError
 from diffusers_distill.training.data import load_data, load_prompt_file
 from diffusers_distill.training.dmd2 import DMD2Config, NonFiniteLossError, find_latest_checkpoint, train_dmd2
 from diffusers_distill.training.train_dmd2 import parse_config
@@ -20,9 +21,12 @@ from diffusers_distill.training.train_dmd2 import parse_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "training", "train_dmd2.py")
 CONFIGS = os.path.join(REPO, "training", "configs")
-TINY = ["--resolution", "64", "--lora_rank", "4", "--fake_lora_rank", "4", "--lora_target_modules", "to_q", "to_k",
-        "to_v", "to_out.0", "--train_batch_size", "2", "--lr_warmup_steps", "0", "--learning_rate", "1e-3",
-        "--report_to", "none", "--dfake_gen_update_ratio", "2"]  # fmt: skip
+TINY = [
+    *("--resolution", "64", "--lora_rank", "4", "--fake_lora_rank", "4"),
+    *("--lora_target_modules", "to_q", "to_k", "to_v", "to_out.0"),
+    *("--train_batch_size", "2", "--lr_warmup_steps", "0", "--learning_rate", "1e-3"),
+    *("--report_to", "none", "--dfake_gen_update_ratio", "2"),
+]
 
 
 def read_losses(output_dir):
@@ -65,15 +69,17 @@ def accelerate_configs(tmp_path_factory):
     multi = folder / "multi_cpu.yaml"
     # torchrun-style launcher (MULTI_GPU config) + ACCELERATE_USE_CPU=1 -> MULTI_CPU with the gloo backend;
     # a `use_cpu: true` config would use accelerate's single-process launcher (it expects mpirun for CPU).
-    multi.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n"
-                     "num_machines: 1\nmachine_rank: 0\nmain_training_function: main\nmixed_precision: 'no'\n"
-                     f"use_cpu: false\nmain_process_ip: 127.0.0.1\nmain_process_port: {free_port()}\n")  # fmt: skip
+    multi.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n"
+        "num_machines: 1\nmachine_rank: 0\nmain_training_function: main\nmixed_precision: 'no'\n"
+        f"use_cpu: false\nmain_process_ip: 127.0.0.1\nmain_process_port: {free_port()}\n"
+    )
     return single, str(multi)
 
 
 def launch(config_file, args, num_processes=None, **env_overrides):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
-               "--num_cpu_threads_per_process", "1"]  # fmt: skip
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file]
+    command += ["--num_cpu_threads_per_process", "1"]
     if num_processes:
         command += ["--num_processes", str(num_processes)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env_overrides}
@@ -84,21 +90,30 @@ def launch(config_file, args, num_processes=None, **env_overrides):
 
 # ---------------------------------------------------------------------- fast: config, CLI, data
 def test_config_validation_errors(tmp_path):
-    base = dict(pretrained_teacher_model="x", prompt_file="p.txt")
-    with pytest.raises(ValueError, match="student_type must be one of"):
-        DMD2Config(**base, student_type="half").validate()
-    with pytest.raises(ValueError, match="GAN losses .* need real images"):
-        DMD2Config(**base, gen_cls_loss_weight=1e-3).validate()
-    with pytest.raises(ValueError, match="pretrained_teacher_model is required"):
-        DMD2Config(prompt_file="p.txt").validate()
-    with pytest.raises(ValueError, match="denoising_timesteps must have"):
-        DMD2Config(**base, num_inference_steps=2, denoising_timesteps=[999]).validate()
-    with pytest.raises(ValueError, match="mixed_precision must be one of"):
-        DMD2Config(**base, mixed_precision="fp8").validate()
-    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
-        DMD2Config(**base, use_ema=True, ema_decay=1.0).validate()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    base = dict(pretrained_teacher_model="x", prompt_file=str(prompts))
+    cases = [
+        (dict(base, student_type="half"), r"--student_type must be one of \('lora', 'full'\), got 'half'"),
+        (dict(base, generator_gan_loss_weight=1e-3), "GAN losses .* need real images"),
+        (dict(prompt_file=str(prompts)), "--pretrained_teacher_model is required"),
+        (dict(base, num_inference_steps=2, denoising_timesteps=[999]), "--denoising_timesteps must have 2 entries"),
+        (dict(base, num_inference_steps=2, denoising_timesteps=[499, 999]), "strictly decreasing"),
+        (dict(base, mixed_precision="fp8"), "--mixed_precision must be one of"),
+        (dict(base, use_ema=True, ema_decay=1.0), r"--ema_decay must be in \[0, 1\)"),
+        (dict(base, resolution=60), "--resolution must be a multiple of 8, got 60"),
+        (dict(base, gradient_accumulation_steps=0), "--gradient_accumulation_steps must be >= 1, got 0"),
+        (dict(base, prompt_file=str(tmp_path / "missing.txt")), "--prompt_file not found"),
+        (dict(base, pretrained_teacher_model=str(tmp_path)), "not a diffusers pipeline folder"),
+        (dict(base, push_to_hub=True, hub_model_id="a/b/c"), "--hub_model_id must look like"),
+        (dict(base, enable_xformers_memory_efficient_attention=True), "needs the xformers package"),
+    ]
+    for values, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            DMD2Config(**values).validate()
     assert DMD2Config(**base, num_inference_steps=4).timesteps() == [999, 749, 499, 249]
     assert DMD2Config(**base, conditioning_timestep=399).timesteps() == [399]
+    DMD2Config(**dict(base, pretrained_teacher_model="sd15")).validate()  # the bundled teachers are accepted by name
 
 
 def test_presets_load_and_cli_overrides():
@@ -107,12 +122,17 @@ def test_presets_load_and_cli_overrides():
         assert config.num_inference_steps == (4 if "4step" in name else 1)
     sdxl = DMD2Config.from_file(os.path.join(CONFIGS, "sdxl_1step.json"))
     assert (sdxl.conditioning_timestep, sdxl.real_guidance_scale, sdxl.dfake_gen_update_ratio) == (399, 8.0, 5)
-    config = parse_config(["--config", os.path.join(CONFIGS, "sdxl_4step.json"), "--pretrained_teacher_model", "m",
-                           "--learning_rate", "2e-6", "--no-gradient_checkpointing", "--validation_prompts", "a", "b"])  # fmt: skip
+    preset = os.path.join(CONFIGS, "sdxl_4step.json")
+    flags = ["--pretrained_teacher_model", "m", "--learning_rate", "2e-6", "--no-gradient_checkpointing"]
+    config = parse_config(["--config", preset, *flags, "--validation_prompts", "a", "b"])
     assert config.learning_rate == 2e-6 and config.resolution == 1024 and not config.gradient_checkpointing
     assert config.validation_prompts == ["a", "b"]
     with pytest.raises(ValueError, match="unknown keys"):
         DMD2Config.from_file(os.path.join(CONFIGS, "sd15_1step.json"), bogus=1)
+    # the DMD2 reference code's names are accepted for the fake-score options
+    reference = parse_config(["--guidance_learning_rate", "3e-4", "--gen_cls_loss_weight", "0.5"])
+    assert (reference.fake_score_learning_rate, reference.generator_gan_loss_weight) == (3e-4, 0.5)
+    assert DMD2Config.from_dict({"guidance_cls_loss_weight": 0.25}).fake_score_gan_loss_weight == 0.25
 
 
 def test_data_sources_and_corrupt_images(data_dir, tmp_path):
@@ -141,8 +161,8 @@ def test_datasets_source_is_lazy(data_dir, tmp_path):
     clean.mkdir()
     for i in range(3):
         shutil.copy(os.path.join(data_dir, f"{i}.png"), clean / f"{i}.png")
-    (clean / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": f"cat {i}"}) + "\n"
-                                                  for i in range(3)))  # fmt: skip
+    rows = [json.dumps({"file_name": f"{i}.png", "text": f"cat {i}"}) + "\n" for i in range(3)]
+    (clean / "metadata.jsonl").write_text("".join(rows))
     data = load_data(64, dataset_name=str(clean), max_train_samples=2)
     assert data.prompts == ["cat 0", "cat 1"] and len(data.images) == 2
     images, captions = data.sample_images(3, torch.Generator().manual_seed(0))
@@ -158,88 +178,180 @@ def test_latest_checkpoint_ignores_partial(tmp_path):
     assert find_latest_checkpoint(str(tmp_path / "missing")) is None
 
 
-# ---------------------------------------------------------------------- teacher and network layout
-def test_teacher_conversions_and_unconditional(sd15_pipeline, sdxl_pipeline):
+# ---------------------------------------------------------------------- noise algebra, prompts, network layout
+def test_noise_schedule_matches_diffusers_and_inverts(sd15_pipeline):
     from diffusers import DDPMScheduler
 
-    from diffusers_distill.teacher import DiffusionTeacher
+    from diffusers_distill.noise_schedule import NoiseSchedule
 
-    teacher = DiffusionTeacher(sd15_pipeline, resolution=64)
-    assert (teacher.arch, teacher.unconditional, teacher.latent_size) == ("sd15", "empty", 32)
+    schedule = NoiseSchedule.from_scheduler_config(sd15_pipeline.scheduler.config)
     x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     t = torch.tensor([10, 500, 999])
-    x_t = teacher.add_noise(x0, noise, t)
+    x_t = schedule.add_noise(x0, noise, t)
     reference = DDPMScheduler.from_config(sd15_pipeline.scheduler.config).add_noise(x0, noise, t)
     torch.testing.assert_close(x_t, reference, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(teacher.x0_from_eps(x_t, noise, t), x0, rtol=1e-4, atol=1e-4)
-    teacher.prediction_type = "v_prediction"  # v = sqrt(a) eps - sqrt(1-a) x0
-    v = teacher.denoising_target(x0, noise, t)
-    torch.testing.assert_close(teacher.output_to_x0(x_t, v, t), x0, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(teacher.output_to_eps(x_t, v, t), noise, rtol=1e-4, atol=1e-4)
-    cond = teacher.encode_prompts(["a cat", "a dog"])
-    torch.testing.assert_close(teacher.unconditional_embeddings(cond).prompt_embeds[1],
-                               teacher.encode_prompts([""]).prompt_embeds[0])  # fmt: skip
-    xl = DiffusionTeacher(sdxl_pipeline, resolution=64)
-    cond = xl.encode_prompts(["a cat"])
+    torch.testing.assert_close(schedule.x0_from_eps(x_t, noise, t), x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(schedule.eps_from_x0(x_t, x0, t), noise, rtol=1e-4, atol=1e-4)
+    v_schedule = NoiseSchedule(schedule.alphas_cumprod, "v_prediction")  # v = sqrt(a) eps - sqrt(1-a) x0
+    v = v_schedule.denoising_target(x0, noise, t)
+    v_reference = DDPMScheduler.from_config(sd15_pipeline.scheduler.config).get_velocity(x0, noise, t)
+    torch.testing.assert_close(v, v_reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v_schedule.output_to_x0(x_t, v, t), x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(v_schedule.output_to_eps(x_t, v, t), noise, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        NoiseSchedule(schedule.alphas_cumprod, "sample")
+
+
+def test_prompt_encoder_and_unconditional(sd15_pipeline, sdxl_pipeline):
+    from diffusers_distill.teacher import PromptEncoder
+
+    encoder = PromptEncoder(sd15_pipeline, resolution=64)
+    assert (encoder.arch, encoder.unconditional) == ("sd15", "empty")
+    cond = encoder(["a cat", "a dog"])
+    torch.testing.assert_close(encoder.unconditional_embeddings(cond).prompt_embeds[1], encoder([""]).prompt_embeds[0])
+    xl = PromptEncoder(sdxl_pipeline, resolution=64)
+    cond = xl(["a cat"])
     assert cond.pooled_prompt_embeds.shape == (1, 32) and cond.add_time_ids.tolist() == [[64, 64, 0, 0, 64, 64]]
     uncond = xl.unconditional_embeddings(cond)
     assert xl.unconditional == "zeros" and not uncond.prompt_embeds.any() and not uncond.pooled_prompt_embeds.any()
     with pytest.raises(ValueError, match="unconditional must be one of"):
-        DiffusionTeacher(sd15_pipeline, unconditional="none")
+        PromptEncoder(sd15_pipeline, unconditional="none")
 
 
 def test_shared_base_lora_roles(sd15_pipeline):
+    from diffusers_distill.noise_schedule import NoiseSchedule
     from diffusers_distill.students import build_dmd2_networks, generator_input, generator_timesteps
-    from diffusers_distill.teacher import DiffusionTeacher
+    from diffusers_distill.teacher import PromptEncoder, unet_output
 
-    teacher = DiffusionTeacher(sd15_pipeline, resolution=64)
+    schedule = NoiseSchedule.from_scheduler_config(sd15_pipeline.scheduler.config)
     unet = sd15_pipeline.unet
     x, t = torch.randn(2, 4, 32, 32), torch.tensor([999, 400])
-    cond = teacher.encode_prompts(["a cat", "a dog"])
-    reference = teacher.predict(unet, x, t, cond).detach()
-    nets = build_dmd2_networks(unet, lora_rank=4, fake_lora_rank=8, lora_target_modules=["to_q", "to_v"],
-                               gan_feature_size=16)  # fmt: skip
-    assert sum(p.numel() for p in unet.parameters() if p.requires_grad) == sum(
-        p.numel() for p in nets.generator_parameters() + nets.critic_parameters()[: -len(list(nets.gan_head.parameters()))]
-    )
+    cond = PromptEncoder(sd15_pipeline, resolution=64)(["a cat", "a dog"])
+    reference = unet_output(unet, x, t, cond).detach()
+    nets = build_dmd2_networks(unet, lora_rank=4, fake_lora_rank=8, lora_target_modules=["to_q", "to_v"], gan_feature_size=16)
+    head = list(nets.gan_head.parameters())
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    assert len(trainable) == len(nets.parameters_of("generator")) + len(nets.parameters_of("fake_score")) - len(head)
     with torch.no_grad():
-        for p in nets.generator_parameters():
+        for p in nets.parameters_of("generator"):
             p.normal_()
-    torch.testing.assert_close(teacher.predict(nets.teacher(), x, t, cond), reference)
-    assert not torch.allclose(teacher.predict(nets.generator(), x, t, cond), reference)
-    torch.testing.assert_close(teacher.predict(nets.fake(), x, t, cond), reference)  # fake B is still zero
-    torch.testing.assert_close(teacher.predict(nets.teacher(), x, t, cond), reference)
-    assert nets.classify(teacher, x, t, cond).shape == (2,)
+
+    def output(role):
+        with torch.no_grad(), nets.role(role) as role_unet:
+            return unet_output(role_unet, x, t, cond)
+
+    torch.testing.assert_close(output("real_score"), reference)
+    assert not torch.allclose(output("generator"), reference)
+    torch.testing.assert_close(output("fake_score"), reference)  # the fake score's B matrices are still zero
+    with nets.role("generator"):  # roles nest: leaving the inner one restores the outer adapter
+        torch.testing.assert_close(output("real_score"), reference)
+        assert unet.active_adapters() == ["generator"]
+    assert nets.gan_logits(x, t, cond).shape == (2,)
+    with pytest.raises(ValueError, match="role must be one of"):
+        nets.unet("critic")
     assert generator_timesteps(4) == [999, 749, 499, 249] and generator_timesteps(2) == [999, 499]
-    x_in, t_in = generator_input(nets, teacher, x, cond, [999, 749, 499, 249], 0)
+    x_in, t_in = generator_input(nets, schedule, x, cond, [999, 749, 499, 249], 0)
     assert torch.equal(x_in, x) and t_in.tolist() == [999, 999]
-    x_in, t_in = generator_input(nets, teacher, x, cond, [999, 749, 499, 249], 2, torch.Generator().manual_seed(0))
+    x_in, t_in = generator_input(nets, schedule, x, cond, [999, 749, 499, 249], 2, torch.Generator().manual_seed(0))
     assert t_in.tolist() == [499, 499] and not torch.equal(x_in, x)
     with pytest.raises(ValueError, match="num_simulated_steps"):
-        generator_input(nets, teacher, x, cond, [999], 1)
+        generator_input(nets, schedule, x, cond, [999], 1)
+
+
+# ---------------------------------------------------------------------- step functions, one at a time
+@pytest.fixture
+def dmd2_parts(sd15_pipeline):
+    from accelerate import Accelerator
+
+    config = DMD2Config(pretrained_teacher_model="unused", resolution=64, lora_rank=4, fake_lora_rank=4,
+                        lora_target_modules=["to_q", "to_v"], train_batch_size=2)  # fmt: skip
+    accelerator = Accelerator(cpu=True)
+    sd15_pipeline.set_progress_bar_config(disable=True)
+    return config, accelerator, dmd2_module.build_parts(config, accelerator, sd15_pipeline, 64), None
+
+
+def test_generator_step_updates_only_the_generator(dmd2_parts):
+    from diffusers_distill.training.data import TrainingData
+
+    config, accelerator, parts, _ = dmd2_parts
+    data = TrainingData(["a cat", "a dog"])
+    rng = torch.Generator().manual_seed(0)
+    x0, cond = dmd2_module.generator_forward(parts, config, accelerator, data, rng, rng, with_grad=True)
+    assert x0.shape == (2, 4, 32, 32) and x0.requires_grad
+    logs = dmd2_module.generator_step(parts, config, accelerator, x0, cond, rng)
+    assert set(logs) == {"loss_dm"} and math.isfinite(logs["loss_dm"].item())
+    generator, fake = parts.networks.parameters_of("generator"), parts.networks.parameters_of("fake_score")
+    assert all(p.grad is not None for p in generator) and any(p.grad.abs().sum() > 0 for p in generator)
+    assert all(p.grad is None for p in fake)
+    logs = dmd2_module.fake_score_step(parts, config, accelerator, data, x0, cond, rng)
+    assert set(logs) == {"loss_fake"} and math.isfinite(logs["loss_fake"].item())
+    assert all(p.grad is not None for p in fake) and any(p.grad.abs().sum() > 0 for p in fake)
+
+
+def test_fake_score_step_regresses_the_denoising_target(dmd2_parts):
+    """With the fake score's output replaced by the exact target, the loss is 0; with zeros it is E[target^2]."""
+    from diffusers_distill.training.data import TrainingData
+
+    config, accelerator, parts, _ = dmd2_parts
+    x0 = torch.randn(2, 4, 32, 32)
+    cond = parts.embed(["a cat", "a dog"])
+    seen = {}
+
+    def exact_target(unet, x_t, t, embeddings):
+        rng = torch.Generator().manual_seed(7)
+        t_ref = torch.randint(0, 1000, (2,), generator=rng)
+        noise = torch.randn(x0.shape, generator=rng)
+        assert torch.equal(t, t_ref)
+        seen["target"] = parts.schedule.denoising_target(x0, noise, t)
+        return seen["target"].clone().requires_grad_(True)
+
+    original = dmd2_module.unet_output
+    dmd2_module.unet_output = exact_target
+    try:
+        logs = dmd2_module.fake_score_step(parts, config, accelerator, TrainingData(["x"]), x0, cond,
+                                           torch.Generator().manual_seed(7))  # fmt: skip
+    finally:
+        dmd2_module.unet_output = original
+    assert logs["loss_fake"].item() == 0.0 and seen["target"].abs().sum() > 0
 
 
 # ---------------------------------------------------------------------- in-process training
 def tiny_config(teacher_dir, output_dir, **overrides):
-    values = dict(pretrained_teacher_model=teacher_dir, output_dir=str(output_dir), resolution=64, lora_rank=4,
-                  fake_lora_rank=4, lora_target_modules=["to_q", "to_k", "to_v", "to_out.0"], train_batch_size=2,
-                  lr_warmup_steps=0, learning_rate=1e-3, report_to="none", dfake_gen_update_ratio=2)  # fmt: skip
+    values = dict(
+        pretrained_teacher_model=teacher_dir,
+        output_dir=str(output_dir),
+        resolution=64,
+        lora_rank=4,
+        fake_lora_rank=4,
+        lora_target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        train_batch_size=2,
+        lr_warmup_steps=0,
+        learning_rate=1e-3,
+        report_to="none",
+        dfake_gen_update_ratio=2,
+    )
     values.update(overrides)
     return DMD2Config(**values)
 
 
-def test_resume_gives_identical_losses(sd15_pipeline_dir, data_dir, tmp_path):
-    common = dict(train_data_dir=data_dir, num_inference_steps=4, gen_cls_loss_weight=5e-3,
-                  guidance_cls_loss_weight=1e-2, checkpointing_steps=3, max_train_steps=6)  # fmt: skip
+def test_resume_gives_identical_losses(sd15_pipeline_dir, data_dir, tmp_path, caplog):
+    common = dict(train_data_dir=data_dir, num_inference_steps=4, generator_gan_loss_weight=5e-3,
+                  fake_score_gan_loss_weight=1e-2, checkpointing_steps=3, max_train_steps=6)  # fmt: skip
     full = train_dmd2(tiny_config(sd15_pipeline_dir, tmp_path / "full", **common))
-    assert full["global_step"] == 6 and full["num_skipped_images"] >= 0
+    assert full["global_step"] == 6 and full["num_skipped_images"] > 0  # the corrupt file is drawn and skipped
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copytree(tmp_path / "full" / "checkpoint-3", resumed_dir / "checkpoint-3")
     (resumed_dir / "checkpoint-5.tmp").mkdir()  # a half-written checkpoint must be ignored
-    resumed = train_dmd2(tiny_config(sd15_pipeline_dir, resumed_dir, resume_from_checkpoint="latest", **common))
+    # the interrupted run had logged steps 4 and 5 after its last checkpoint: they must not be repeated
+    rows = read_losses(tmp_path / "full")
+    (resumed_dir / "losses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+    with caplog.at_level("INFO"):
+        resumed = train_dmd2(tiny_config(sd15_pipeline_dir, resumed_dir, resume_from_checkpoint="latest", **common))
+    assert "resuming from checkpoint-3 at step 3" in caplog.text
     assert [r["step"] for r in resumed["losses"]] == [4, 5, 6]
     assert resumed["losses"] == full["losses"][3:]
+    assert read_losses(resumed_dir) == read_losses(tmp_path / "full")  # steps 1..6 once each
     assert set(full["losses"][0]) == {"step", "loss_dm", "loss_fake", "loss_gen_gan", "loss_disc"}
 
 
@@ -256,6 +368,9 @@ def test_ema_student_is_exported_and_resumes_exactly(sd15_pipeline_dir, data_dir
     assert len(shadow) == len(exported) == len(raw)
     assert all(torch.equal(shadow[f"shadow.{i}"], p) for i, p in enumerate(exported))  # the export is the EMA ...
     assert not all(torch.equal(a, b) for a, b in zip(exported, raw))  # ... not the last raw weights
+    for root, _, files in os.walk(tmp_path / "full" / "unet"):
+        for name in files:  # exported files get the usual modes (umask), not mkstemp's 0600
+            assert os.stat(os.path.join(root, name)).st_mode & 0o044 == 0o044, name
 
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
@@ -265,28 +380,56 @@ def test_ema_student_is_exported_and_resumes_exactly(sd15_pipeline_dir, data_dir
     assert all(torch.equal(a, b) for a, b in zip(exported, resumed))
 
 
+def test_gradient_accumulation_and_epochs(sd15_pipeline_dir, data_dir, tmp_path):
+    """Two micro-batches of 1 per step; the step count comes from --num_train_epochs (3 prompts / 2 -> 2 a pass)."""
+    config = tiny_config(sd15_pipeline_dir, tmp_path, prompt_file=os.path.join(data_dir, "prompts.txt"),
+                         train_batch_size=1, gradient_accumulation_steps=2, max_train_steps=None, num_train_epochs=2,
+                         checkpointing_steps=100, dfake_gen_update_ratio=1, scale_lr=True,
+                         lr_scheduler="cosine_with_restarts", lr_num_cycles=2)  # fmt: skip
+    result = train_dmd2(config)
+    assert result["global_step"] == 4 and [r["step"] for r in result["losses"]] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss_dm"]) and math.isfinite(r["loss_fake"]) for r in result["losses"])
+
+
 def test_multistep_without_backward_simulation_uses_real_latents(sdxl_pipeline_dir, data_dir, tmp_path):
-    result = train_dmd2(tiny_config(sdxl_pipeline_dir, tmp_path, train_data_dir=data_dir, num_inference_steps=2,
-                                    backward_simulation=False, max_train_steps=3, checkpointing_steps=10))  # fmt: skip
+    config = tiny_config(sdxl_pipeline_dir, tmp_path, train_data_dir=data_dir, num_inference_steps=2,
+                         backward_simulation=False, max_train_steps=3, checkpointing_steps=10)  # fmt: skip
+    result = train_dmd2(config)
     assert result["global_step"] == 3 and all(math.isfinite(r["loss_fake"]) for r in result["losses"])
 
 
-def test_push_to_hub_uploads_the_exported_folder(sd15_pipeline_dir, data_dir, tmp_path, monkeypatch):
+def test_push_to_hub_checks_the_repo_first_and_uploads_the_export(sd15_pipeline_dir, data_dir, tmp_path, monkeypatch):
     from diffusers_distill import hub
 
     calls = []
+    monkeypatch.setattr(hub, "prepare_hub_repo", lambda repo_id, token=None: calls.append(("create", repo_id, token))
+                        or f"user/{repo_id}")  # fmt: skip
 
     def fake_push(output_dir, repo_id, token=None, **kwargs):
-        calls.append((output_dir, repo_id, token, sorted(os.listdir(output_dir))))
+        calls.append(("push", repo_id, token, sorted(os.listdir(output_dir))))
 
     monkeypatch.setattr(hub, "push_student_to_hub", fake_push)
     config = tiny_config(sd15_pipeline_dir, tmp_path / "my-student", prompt_file=os.path.join(data_dir, "prompts.txt"),
                          max_train_steps=1, push_to_hub=True, hub_token="hf_x")  # fmt: skip
     train_dmd2(config)
-    assert len(calls) == 1
-    output_dir, repo_id, token, files = calls[0]
-    assert (output_dir, repo_id, token) == (str(tmp_path / "my-student"), "my-student", "hf_x")
-    assert "pytorch_lora_weights.safetensors" in files
+    assert calls[0] == ("create", "my-student", "hf_x")  # default: the output folder's name, as in diffusers
+    assert calls[1][:3] == ("push", "user/my-student", "hf_x") and "pytorch_lora_weights.safetensors" in calls[1][3]
+
+
+def test_hub_failure_is_reported_before_the_teacher_loads(sd15_pipeline_dir, data_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from diffusers_distill.training import core
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("401 Client Error: Unauthorized")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", refuse)
+    monkeypatch.setattr(core, "load_teacher_pipeline", lambda *a, **k: pytest.fail("the teacher must not load"))
+    config = tiny_config(sd15_pipeline_dir, tmp_path, prompt_file=os.path.join(data_dir, "prompts.txt"),
+                         push_to_hub=True, hub_model_id="user/x")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"--push_to_hub: cannot create or access the Hub repo 'user/x' \(401"):
+        train_dmd2(config)
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(sd15_pipeline_dir, data_dir, tmp_path, monkeypatch):
@@ -303,6 +446,25 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(sd15_pipeline_dir, data_dir, t
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3.*checkpoint-2"):
         train_dmd2(config)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "losses.jsonl"]
+
+
+def test_failed_checkpoint_leaves_no_tmp_folder(tmp_path):
+    from diffusers_distill.training.checkpointing import save_checkpoint
+
+    class FullDisk:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, path):
+            os.makedirs(path)
+            (tmp_path / "checkpoint-4.tmp" / "optimizer.bin").write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(FullDisk(), str(tmp_path), 4, None)
+    assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------------- accelerate launch (slow)

@@ -20,12 +20,17 @@ import json
 import os
 import time
 
-import torch
+from diffusers_distill.constants import LAYOUTS
+from diffusers_distill.fileio import atomic_path, atomic_write_json, atomic_write_text
 
 __all__ = [
-    "distill_digits_teacher", "write_digit_prompts", "write_digit_images", "load_digits_student", "result_row",
+    "distill_digits_teacher",
+    "write_digit_prompts",
+    "write_digit_images",
+    "load_digits_student",
+    "result_row",
     "results_markdown",
-]  # fmt: skip
+]
 
 TEACHER_STEPS = 25
 TEACHER_SCHEDULER = "ddim"
@@ -35,11 +40,7 @@ def write_digit_prompts(path: str) -> str:
     """Write the ten prompts ``"a handwritten digit zero" .. "nine"`` (one per line) atomically; returns ``path``."""
     from diffusers_distill.digits import digit_prompt
 
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(digit_prompt(label) for label in range(10)) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "\n".join(digit_prompt(label) for label in range(10)) + "\n")
 
 
 def write_digit_images(folder: str) -> str:
@@ -57,12 +58,10 @@ def write_digit_images(folder: str) -> str:
     lines = []
     for i, (image, label) in enumerate(zip(pixels, labels.tolist())):
         name = f"{i:04d}.png"
-        Image.fromarray(image).convert("RGB").save(os.path.join(folder, name))
+        with atomic_path(os.path.join(folder, name)) as tmp:
+            Image.fromarray(image).convert("RGB").save(tmp)
         lines.append(json.dumps({"file_name": name, "text": digit_prompt(label)}))
-    tmp = os.path.join(folder, "metadata.jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, os.path.join(folder, "metadata.jsonl"))
+    atomic_write_text(os.path.join(folder, "metadata.jsonl"), "\n".join(lines) + "\n")
     return folder
 
 
@@ -87,8 +86,8 @@ def _check_args(num_student_steps, max_train_steps, student_type, real_guidance_
         raise ValueError(f"num_student_steps must be one of (1, 2, 4), got {num_student_steps!r}")
     if not isinstance(max_train_steps, int) or max_train_steps < 1:
         raise ValueError(f"max_train_steps must be a positive integer, got {max_train_steps!r}")
-    if student_type not in ("lora", "full"):
-        raise ValueError(f"student_type must be one of ('lora', 'full'), got {student_type!r}")
+    if student_type not in LAYOUTS:
+        raise ValueError(f"student_type must be one of {LAYOUTS}, got {student_type!r}")
     if real_guidance_scale < 1.0:
         raise ValueError(f"real_guidance_scale must be >= 1, got {real_guidance_scale!r}")
     if not isinstance(n_per_digit, int) or n_per_digit < 2:
@@ -98,32 +97,33 @@ def _check_args(num_student_steps, max_train_steps, student_type, real_guidance_
 def result_row(name: str, metrics: dict, train_seconds: float | None = None) -> dict:
     """One row of :func:`results_markdown` from :func:`evaluate_pipeline`-style metrics."""
     return {
-        "model": name, "steps": metrics["steps"], "prompt_accuracy": metrics["prompt_accuracy"],
-        "digits_fd": metrics["digits_fd"], "psnr": metrics.get("psnr"), "train_seconds": train_seconds,
-    }  # fmt: skip
+        "model": name,
+        "steps": metrics["steps"],
+        "prompt_accuracy": metrics["prompt_accuracy"],
+        "digits_fd": metrics["digits_fd"],
+        "psnr": metrics.get("psnr"),
+        "train_seconds": train_seconds,
+    }
 
 
 def results_markdown(rows: list[dict], reference_fd: float) -> str:
     """Rows -> a markdown table; ``FD / teacher@25`` is relative to ``reference_fd`` (the 25-step teacher's)."""
-    lines = ["| model | steps | prompt acc. | digits-FD | FD / teacher@25 | PSNR vs teacher@25 (dB) | training |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| model | steps | prompt acc. | digits-FD | FD / teacher@25 | PSNR vs teacher@25 (dB) | training |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         psnr = "-" if r["psnr"] is None else f"{r['psnr']:.1f}"
         train = "-" if r["train_seconds"] is None else f"{r['train_seconds'] / 60:.1f} min"
-        lines.append(f"| {r['model']} | {r['steps']} | {r['prompt_accuracy']:.3f} | {r['digits_fd']:.2f} | "
-                     f"{r['digits_fd'] / reference_fd:.2f}x | {psnr} | {train} |")  # fmt: skip
+        lines.append(
+            f"| {r['model']} | {r['steps']} | {r['prompt_accuracy']:.3f} | {r['digits_fd']:.2f} | "
+            f"{r['digits_fd'] / reference_fd:.2f}x | {psnr} | {train} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def _public(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k != "images"}
-
-
-def _write_json(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def evaluate_digits_student(student_dir: str, guidance: float, n_per_digit: int = 10, seed: int = 0,
@@ -157,7 +157,7 @@ def distill_digits_teacher(
     *,
     real_guidance_scale: float = 2.0,
     learning_rate: float = 1e-4,
-    guidance_learning_rate: float | None = None,
+    fake_score_learning_rate: float | None = None,
     dfake_gen_update_ratio: int = 5,
     train_batch_size: int = 16,
     fake_score_type: str = "full",
@@ -201,17 +201,33 @@ def distill_digits_teacher(
     train_data_dir = write_digit_images(os.path.join(data_dir, "images")) if gan_loss_weight > 0 else None
 
     options = dict(
-        pretrained_teacher_model=teacher_path, output_dir=output_dir, prompt_file=prompt_file,
-        train_data_dir=train_data_dir, resolution=IMAGE_SIZE, student_type=student_type,
-        fake_score_type=fake_score_type, num_inference_steps=num_student_steps, lora_rank=lora_rank,
-        lora_alpha=float(lora_rank), fake_lora_rank=fake_lora_rank, real_guidance_scale=real_guidance_scale,
-        dfake_gen_update_ratio=dfake_gen_update_ratio, gen_cls_loss_weight=gan_loss_weight,
-        guidance_cls_loss_weight=gan_loss_weight, train_batch_size=train_batch_size, max_train_steps=max_train_steps,
-        learning_rate=learning_rate, guidance_learning_rate=guidance_learning_rate, lr_warmup_steps=lr_warmup_steps,
-        cache_text_embeddings=True, seed=seed, checkpointing_steps=10**9, report_to="none",
-    )  # fmt: skip
+        pretrained_teacher_model=teacher_path,
+        output_dir=output_dir,
+        prompt_file=prompt_file,
+        train_data_dir=train_data_dir,
+        resolution=IMAGE_SIZE,
+        student_type=student_type,
+        fake_score_type=fake_score_type,
+        num_inference_steps=num_student_steps,
+        lora_rank=lora_rank,
+        lora_alpha=float(lora_rank),
+        fake_lora_rank=fake_lora_rank,
+        real_guidance_scale=real_guidance_scale,
+        dfake_gen_update_ratio=dfake_gen_update_ratio,
+        generator_gan_loss_weight=gan_loss_weight,
+        fake_score_gan_loss_weight=gan_loss_weight,
+        train_batch_size=train_batch_size,
+        max_train_steps=max_train_steps,
+        learning_rate=learning_rate,
+        fake_score_learning_rate=fake_score_learning_rate,
+        lr_warmup_steps=lr_warmup_steps,
+        cache_text_embeddings=True,
+        seed=seed,
+        checkpointing_steps=10**9,
+        report_to="none",
+    )
     options.update(config_overrides)
-    config = DMD2Config(**options)
+    config = DMD2Config.from_dict(options, "distill_digits_teacher arguments")
     config.validate()  # bad overrides fail before the teacher is loaded
 
     start = time.perf_counter()
@@ -230,5 +246,5 @@ def distill_digits_teacher(
     if evaluate:
         summary.update(evaluate_digits_student(output_dir, real_guidance_scale, n_per_digit, seed, teacher_path,
                                                grid_path=os.path.join(output_dir, "samples.png")))
-    _write_json(os.path.join(output_dir, "metrics.json"), summary)
+    atomic_write_json(os.path.join(output_dir, "metrics.json"), summary)
     return summary

@@ -1,0 +1,367 @@
+"""The training core shared by the distillers (DMD2 now, the flow-map distiller next).
+
+A method supplies its networks, losses and step functions; everything else lives here: the accelerate setup,
+teacher loading, data, optimizers and schedules, gradient application, per-step randomness, the EMA, checkpoint
+hooks, the losses log and the NaN guard, validation grids, the export and the Hub push. Each piece is a small
+function, so a training recipe reads like diffusers' example scripts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import warnings
+
+import torch
+
+from diffusers_distill.fileio import atomic_path, atomic_write_text
+from diffusers_distill.randomness import randint, randn
+from diffusers_distill.teacher import PromptEmbeddings, PromptEncoder
+
+from .config import ConfigError, TrainingConfig
+from .data import load_data
+
+__all__ = [
+    "LossLog",
+    "NonFiniteLossError",
+    "PromptCache",
+    "apply_gradients",
+    "check_finite",
+    "decode_latents",
+    "ema_weights",
+    "encode_images",
+    "load_ema_state",
+    "load_teacher_pipeline",
+    "load_training_data",
+    "make_accelerator",
+    "make_lr_scheduler",
+    "make_optimizer",
+    "num_training_steps",
+    "randint",
+    "randn",
+    "save_ema_state",
+    "save_validation_grid",
+    "setup_logging",
+    "step_generator",
+]
+
+logger = logging.getLogger(__name__)
+
+# Messages that carry no information for the user of a training script (filtered by exact text, nothing else):
+# transformers names every image processor that would prefer torchvision when importing the pipelines.
+_UNINFORMATIVE = (r".*requires torchvision \(not installed\); falling back.*",)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss becomes NaN/inf; the last good checkpoint is left in place."""
+
+
+class _DropMessages(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        import re
+
+        return not any(re.match(pattern, record.getMessage()) for pattern in _UNINFORMATIVE)
+
+
+def setup_logging(accelerator=None) -> None:
+    """diffusers-script logging: INFO lines from our loggers, warnings from the libraries (errors only on
+    non-main processes), and the few known uninformative messages dropped at their logger."""
+    import diffusers
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    main = accelerator is None or accelerator.is_local_main_process
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_warning() if main else library.utils.logging.set_verbosity_error()
+    for name in ("transformers", "transformers.image_processing_utils", "transformers.models.auto"):
+        logging.getLogger(name).addFilter(_DropMessages())
+    for pattern in _UNINFORMATIVE:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+# ---------------------------------------------------------------------- setup
+def make_accelerator(config: TrainingConfig):
+    """``Accelerator`` with diffusers' project layout (logs under output_dir) and gradient accumulation."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, config.logging_dir)
+        ),
+    )
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(config.output_dir, exist_ok=True)
+    return accelerator
+
+
+def weight_dtype(accelerator) -> torch.dtype:
+    """The dtype of the frozen weights under ``--mixed_precision``."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def _cast(module, dtype) -> None:
+    # only when needed: diffusers warns about "modules kept in float32: []" on every dtype cast
+    if module.dtype != dtype:
+        module.to(dtype=dtype)
+
+
+def load_teacher_pipeline(config: TrainingConfig, device, dtype):
+    """The frozen teacher pipeline on ``device``: text encoders in ``dtype``, the VAE in fp32 (SDXL's VAE
+    overflows in fp16), no safety checker, no progress bars."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(
+        config.teacher_path, revision=config.revision, variant=config.variant, cache_dir=config.cache_dir
+    )
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        if encoder is not None:
+            encoder.requires_grad_(False)
+            _cast(encoder, dtype)
+    pipe.vae.requires_grad_(False)
+    _cast(pipe.vae, torch.float32)
+    if config.enable_xformers_memory_efficient_attention:
+        pipe.unet.enable_xformers_memory_efficient_attention()
+    return pipe
+
+
+def teacher_resolution(pipe, requested: int | None) -> int:
+    """``requested`` or the teacher's native size (``unet.sample_size * vae scale``); warns when they differ."""
+    native = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if requested is None:
+        return int(native)
+    if requested != native:
+        logger.warning("--resolution %d differs from the teacher's native %d: the student trains off-size", requested, native)
+    return requested
+
+
+def load_training_data(config: TrainingConfig, resolution: int):
+    """Prompts (and real images) from the configured sources; data errors become one-line ``ConfigError``s."""
+    try:
+        return load_data(
+            resolution,
+            config.prompt_file,
+            config.train_data_dir,
+            config.dataset_name,
+            config.dataset_config_name,
+            config.image_column,
+            config.caption_column,
+            config.max_train_samples,
+            cache_dir=config.cache_dir,
+            num_workers=config.dataloader_num_workers,
+        )
+    except (ValueError, OSError, KeyError) as error:
+        raise ConfigError(str(error).splitlines()[0] if str(error) else repr(error)) from error
+
+
+# ---------------------------------------------------------------------- optimisation
+def num_training_steps(config: TrainingConfig, num_prompts: int, num_processes: int) -> int:
+    """``--max_train_steps``, else ``--num_train_epochs`` passes over the prompts with the global batch."""
+    if config.max_train_steps is not None:
+        return config.max_train_steps
+    global_batch = config.train_batch_size * num_processes * config.gradient_accumulation_steps
+    return config.num_train_epochs * math.ceil(num_prompts / global_batch)
+
+
+def scaled_learning_rate(config: TrainingConfig, learning_rate: float, num_processes: int) -> float:
+    """``--scale_lr``: multiply by accumulation steps x batch size x processes (diffusers' rule)."""
+    if not config.scale_lr:
+        return learning_rate
+    return learning_rate * config.gradient_accumulation_steps * config.train_batch_size * num_processes
+
+
+def make_optimizer(params, lr: float, config: TrainingConfig):
+    """AdamW (or bitsandbytes' 8-bit AdamW) with the configured betas, weight decay and epsilon."""
+    if config.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    betas = (config.adam_beta1, config.adam_beta2)
+    return optimizer_class(params, lr=lr, betas=betas, weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+
+
+def make_lr_scheduler(optimizer, config: TrainingConfig, total_steps: int):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=total_steps,
+        num_cycles=config.lr_num_cycles,
+    )
+
+
+def average_gradients(params, accelerator) -> None:
+    """All-reduce (mean) the gradients of ``params`` across processes (written by hand: the networks are not
+    DDP-wrapped because several roles share one UNet and run more than one forward per backward)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= accelerator.num_processes
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def apply_gradients(accelerator, optimizer, params, max_grad_norm: float) -> bool:
+    """At the end of a gradient-accumulation cycle: average, clip, step, zero; returns whether it stepped."""
+    if not accelerator.sync_gradients:
+        return False
+    average_gradients(params, accelerator)
+    accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return True
+
+
+def step_generator(seed: int, step: int, rank: int | None, micro_batch: int = 0) -> torch.Generator:
+    """CPU generator of one (micro-)step; ``rank=None`` gives a stream shared by all processes. Seeding from
+    (seed, step, rank) instead of a global RNG state makes a resumed run repeat the uninterrupted one exactly."""
+    salt = 0 if rank is None else rank + 1
+    value = seed * 1_000_003 + step * 7919 + salt * 104_729 + micro_batch * 15_485_863
+    return torch.Generator().manual_seed(value % (2**63))
+
+
+# ---------------------------------------------------------------------- EMA
+@contextlib.contextmanager
+def ema_weights(ema, params):
+    """Temporarily put the EMA weights into ``params`` (no-op without EMA)."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
+def save_ema_state(ema, path: str) -> None:
+    """diffusers' ``EMAModel`` shadow weights as safetensors (registering the EMA for accelerate's checkpointing
+    would pickle it; checkpoints here are safetensors only)."""
+    from safetensors.torch import save_file
+
+    shadow = {f"shadow.{i}": p.detach().contiguous() for i, p in enumerate(ema.shadow_params)}
+    metadata = {"optimization_step": str(ema.optimization_step), "decay": str(ema.decay)}
+    with atomic_path(path) as tmp:
+        save_file(shadow, tmp, metadata=metadata)
+
+
+def load_ema_state(ema, path: str) -> None:
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--use_ema is set but the checkpoint has no {os.path.basename(path)}: {path}")
+    with safe_open(path, framework="pt", device=str(ema.shadow_params[0].device)) as f:
+        for i, p in enumerate(ema.shadow_params):
+            p.copy_(f.get_tensor(f"shadow.{i}"))
+        ema.optimization_step = int(f.metadata()["optimization_step"])
+
+
+# ---------------------------------------------------------------------- prompts and latents
+class PromptCache:
+    """Prompt -> embeddings, optionally cached per prompt (``--cache_text_embeddings``)."""
+
+    def __init__(self, encoder: PromptEncoder, device, cache: bool):
+        self.encoder, self.device, self.cache = encoder, device, {} if cache else None
+
+    def __call__(self, prompts: list[str]) -> PromptEmbeddings:
+        if self.cache is None:
+            return self.encoder(prompts, device=self.device)
+        missing = sorted({p for p in prompts if p not in self.cache})
+        if missing:
+            encoded = self.encoder(missing, device=self.device)
+            for i, prompt in enumerate(missing):
+                self.cache[prompt] = encoded.index(slice(i, i + 1))
+        return PromptEmbeddings.cat([self.cache[p] for p in prompts])
+
+    def warm_up(self, prompts: list[str], batch_size: int = 64) -> None:
+        if self.cache is not None:
+            for start in range(0, len(prompts), batch_size):
+                self(prompts[start : start + batch_size])
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> scaled latents (the VAE mode; SD3-style shift applied when configured)."""
+    latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((latents - shift) * vae.config.scaling_factor).float()
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> images (B, 3, H, W) in [0, 1]."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    images = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype), return_dict=False)[0]
+    return (images.float().clamp(-1, 1) + 1) / 2
+
+
+# ---------------------------------------------------------------------- logging, NaN guard, validation
+class LossLog:
+    """``<output_dir>/losses.jsonl``: one row per step. On resume, rows after the resumed step (written by the
+    interrupted run) are dropped first, so the file never repeats a step."""
+
+    def __init__(self, output_dir: str, start_step: int, enabled: bool):
+        self.path = os.path.join(output_dir, "losses.jsonl")
+        self.enabled = enabled
+        if enabled and os.path.isfile(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+            atomic_write_text(self.path, "".join(kept))
+
+    def append(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def check_finite(record: dict, last_checkpoint: str | None) -> None:
+    """The NaN guard: raise :class:`NonFiniteLossError` naming the last good checkpoint."""
+    if not all(math.isfinite(v) for k, v in record.items() if k != "step"):
+        raise NonFiniteLossError(
+            f"non-finite loss at step {record['step']}: {record}. Training stopped; the last good checkpoint is "
+            f"{last_checkpoint or '(none saved yet)'}; resume from it with a lower learning rate or fp32."
+        )
+
+
+def save_validation_grid(accelerator, images: torch.Tensor, prompts: list[str], output_dir: str, step: int) -> str:
+    """Log ``images`` ((B, 3, H, W) in [0, 1]) to the trackers and save them side by side as
+    ``validation/step-N.png``; returns the PNG path."""
+    import numpy as np
+    from PIL import Image
+
+    array = images.permute(0, 2, 3, 1).cpu().numpy()
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", array, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(img, caption=p) for img, p in zip(array, prompts)]}, step=step)
+    grid = (np.concatenate(list(array), axis=1) * 255).round().astype("uint8")
+    path = os.path.join(output_dir, "validation", f"step-{step}.png")
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp)
+    return path
