@@ -99,8 +99,7 @@ def measure(model: str, layout: str, latent_size: int) -> dict[str, float]:
 def measure_in_subprocess(model: str, layout: str, latent_size: int) -> dict[str, float]:
     """ru_maxrss is a per-process high-water mark, so every measurement runs in its own interpreter."""
     code = (
-        "import json, benchmarks.dmd2_memory as b; "
-        f"print(json.dumps(b.measure({model!r}, {layout!r}, {latent_size})))"
+        f"import json, benchmarks.dmd2_memory as b; print(json.dumps(b.measure({model!r}, {layout!r}, {latent_size})))"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)

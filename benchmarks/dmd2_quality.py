@@ -1,7 +1,7 @@
 """DMD2 on the bundled SD 1.5 digits teacher: 1-step and 4-step students vs the teacher, on CPU.
 
-    OMP_NUM_THREADS=1 python benchmarks/dmd2_quality.py [--max_train_steps 6000] [--ema_decay 0.999 | 0]
-                                                      [--gan_loss_weight 0] [--output_dir outputs/benchmarks/dmd2_quality]
+    OMP_NUM_THREADS=1 python benchmarks/dmd2_quality.py [--max_train_steps 6000] [--ema_decay 0.999 | 0] \
+        [--gan_loss_weight 0] [--output_dir outputs/benchmarks/dmd2_quality]
 
 Trains the two students in parallel (two processes, one thread each), then samples the teacher with DDIM at 25 steps
 (the reference) and at the students' step counts (the no-distillation baseline), all at the guidance the students

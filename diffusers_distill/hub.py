@@ -67,7 +67,7 @@ def _usage_snippets(config: StudentConfig, repo_id: str) -> str:
         f"from diffusers import {imports}\n\n{plain_load}image = {call}\n```\n\n"
         "### With diffusers-distill (steps, timesteps and guidance default to the student's)\n\n"
         "```python\nimport torch\n"
-        f"from diffusers_distill import {info['ours']}\n\n{ours_load}.to(\"cuda\")\n"
+        f'from diffusers_distill import {info["ours"]}\n\n{ours_load}.to("cuda")\n'
         'image = pipe("a photo of a cat").images[0]\n```\n'
     )
 
@@ -78,7 +78,9 @@ def model_card_text(config: StudentConfig, repo_id: str, sample_image: str | Non
 
     method_name, arxiv = _METHOD_INFO.get(config.method, (config.method, None))
     tags = model_card_tags(config) + ([f"arxiv:{arxiv}"] if arxiv else [])
-    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", base_model=config.base_model, tags=tags)
+    data = ModelCardData(
+        library_name="diffusers", pipeline_tag="text-to-image", base_model=config.base_model, tags=tags
+    )
     kind = "LoRA adapter" if config.student_type == "lora" else "full UNet (complete pipeline folder)"
     lines = [
         f"# {repo_id.split('/')[-1]}",

@@ -25,12 +25,13 @@ def distribution_matching_gradient(x0: torch.Tensor, x0_real: torch.Tensor, x0_f
     DMD2 eq. (2) approximates the gradient of KL(p_fake || p_real) by the score difference
     ``s_fake - s_real``; in x0 terms (DMD eq. 7-8) this is ``x0_fake - x0_real``, the difference of the fake and
     real denoisers' x0-predictions at a noised copy of ``x0``. DMD eq. 8 divides it by the per-sample weight
-    ``mean_{C,H,W} |x0 - x0_real|``. Non-finite values are replaced by 0 (as the reference code does).
+    ``mean_{C,H,W} |x0 - x0_real|``. Non-finite values (a zero normaliser) are replaced by 0, so such a sample
+    gets no update (the reference code's ``nan_to_num`` would turn inf into +-3.4e38 instead).
     """
     p_real = (x0 - x0_real).float()
     p_fake = (x0 - x0_fake).float()
     normaliser = p_real.abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True)
-    return torch.nan_to_num((p_real - p_fake) / normaliser)
+    return torch.nan_to_num((p_real - p_fake) / normaliser, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def distribution_matching_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:

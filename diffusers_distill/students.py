@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -133,8 +134,10 @@ class DMD2Networks(nn.Module):
         if not (self.generator_is_lora or self.fake_score_is_lora):
             return
         adapter = {"generator": GENERATOR_ADAPTER, "fake_score": FAKE_SCORE_ADAPTER}.get(role)
-        if adapter is None or (role == "generator" and not self.generator_is_lora) or (
-            role == "fake_score" and not self.fake_score_is_lora
+        if (
+            adapter is None
+            or (role == "generator" and not self.generator_is_lora)
+            or (role == "fake_score" and not self.fake_score_is_lora)
         ):
             self.base_unet.disable_adapters()  # the real score, or a role with its own full UNet
         else:
@@ -221,7 +224,9 @@ def build_dmd2_networks(
         base_unet.add_adapter(_lora_config(lora_rank, lora_alpha, lora_target_modules), adapter_name=GENERATOR_ADAPTER)
     if fake_score_type == "lora":
         config = _lora_config(fake_lora_rank, fake_lora_alpha, lora_target_modules)
-        base_unet.add_adapter(config, adapter_name=FAKE_SCORE_ADAPTER)
+        with warnings.catch_warnings():  # two adapters on one UNet is this layout's design, not a mistake
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+            base_unet.add_adapter(config, adapter_name=FAKE_SCORE_ADAPTER)
     for name, param in base_unet.named_parameters():  # only adapter weights train
         param.requires_grad_(f".{GENERATOR_ADAPTER}." in name or f".{FAKE_SCORE_ADAPTER}." in name)
     head = None

@@ -13,7 +13,11 @@ import os
 
 import torch
 
+from .constants import SD_NOISE_SCHEDULE
+
 __all__ = [
+    "add_random_lora",
+    "momentum_scheduler_classes",
     "tiny_clip_tokenizer",
     "tiny_sd15_pipeline",
     "tiny_sdxl_pipeline",
@@ -132,14 +136,7 @@ def sd_ddim_scheduler(**overrides):
     """SD 1.5's noise schedule (scaled_linear 0.00085-0.012, epsilon) on a DDIM sampler."""
     from diffusers import DDIMScheduler
 
-    config = dict(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    config = dict(SD_NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     config.update(overrides)
     return DDIMScheduler(**config)
 
@@ -152,14 +149,7 @@ def tiny_sd15_pipeline(seed: int = 0, scheduler=None):
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed)
     if scheduler is None:  # SD 1.5's stock scheduler config
-        scheduler = PNDMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            skip_prk_steps=True,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        )
+        scheduler = PNDMScheduler(**SD_NOISE_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(
         vae=tiny_vae(),
         text_encoder=CLIPTextModel(tiny_text_config(tokenizer)),
@@ -180,13 +170,7 @@ def tiny_sdxl_pipeline(seed: int = 0, scheduler=None):
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed)
     if scheduler is None:  # SDXL's stock scheduler config
-        scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            timestep_spacing="leading",
-        )
+        scheduler = EulerDiscreteScheduler(**SD_NOISE_SCHEDULE, steps_offset=1, timestep_spacing="leading")
     return StableDiffusionXLPipeline(
         vae=tiny_vae(),
         text_encoder=CLIPTextModel(tiny_text_config(tokenizer)),
@@ -234,3 +218,45 @@ def tiny_sd3_pipeline(seed: int = 0, scheduler=None):
         text_encoder_3=None,
         tokenizer_3=None,
     )
+
+
+def add_random_lora(
+    unet,
+    rank: int = 4,
+    alpha: float = 16,
+    target_modules=("to_q", "to_k", "to_v", "to_out.0"),
+    adapter_name: str = "generator",
+    seed: int = 0,
+    scale: float = 0.3,
+):
+    """Add a peft LoRA adapter with random (non-zero) A and B weights, as a trained student would have.
+
+    The default ``alpha != rank`` only reloads correctly when the adapter's ``LoraConfig`` is saved with the weights.
+    """
+    from peft import LoraConfig
+
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules)), adapter_name=adapter_name
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name and f".{adapter_name}." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    return unet
+
+
+def momentum_scheduler_classes(kind: str = "all") -> list:
+    """The package's momentum schedulers, for tests that run on each: ``"vp"``, ``"flow"`` or ``"all"``."""
+    from . import schedulers
+
+    vp = [schedulers.GHVBScheduler, schedulers.PLMSHeavyBallScheduler, schedulers.DPMSolverHeavyBallScheduler]
+    flow = [
+        schedulers.FlowMatchGHVBScheduler,
+        schedulers.FlowMatchPLMSHeavyBallScheduler,
+        schedulers.FlowMatchDPMSolverHeavyBallScheduler,
+    ]
+    choices = {"vp": vp, "flow": flow, "all": vp + flow}
+    if kind not in choices:
+        raise ValueError(f"kind must be one of {sorted(choices)}, got {kind!r}")
+    return choices[kind]

@@ -99,7 +99,12 @@ class DMD2PipelineMixin:
         self.scheduler = student_scheduler(self.scheduler.config, config)
 
     def load_student(
-        self, student, adapter_name: str = DEFAULT_ADAPTER_NAME, fuse: bool = False, lora_scale: float = 1.0, **hub_kwargs
+        self,
+        student,
+        adapter_name: str = DEFAULT_ADAPTER_NAME,
+        fuse: bool = False,
+        lora_scale: float = 1.0,
+        **hub_kwargs,
     ):
         """Load a saved student (local folder or Hub id) into this (base) pipeline.
 

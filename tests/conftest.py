@@ -47,3 +47,31 @@ def sdxl_pipeline_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sdxl")
     testing.tiny_sdxl_pipeline().save_pretrained(path)
     return str(path)
+
+
+# ---------------------------------------------------------------------- shared across test files (additive)
+@pytest.fixture(params=testing.momentum_scheduler_classes("vp"), ids=lambda cls: cls.__name__)
+def vp_scheduler_class(request):
+    """Each VP (SD-style) momentum scheduler class in turn."""
+    return request.param
+
+
+@pytest.fixture(params=testing.momentum_scheduler_classes("flow"), ids=lambda cls: cls.__name__)
+def flow_scheduler_class(request):
+    """Each flow-matching momentum scheduler class in turn."""
+    return request.param
+
+
+@pytest.fixture
+def sd_ddim_scheduler():
+    """A DDIM scheduler on SD 1.5's noise schedule (``diffusers_distill.constants.SD_NOISE_SCHEDULE``)."""
+    return testing.sd_ddim_scheduler()
+
+
+@pytest.fixture
+def lora_sd15_pipeline():
+    """A tiny SD 1.5 pipeline whose UNet carries a random LoRA adapter "generator" (rank 4, alpha 16)."""
+    pipe = testing.tiny_sd15_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    testing.add_random_lora(pipe.unet)
+    return pipe

@@ -66,10 +66,16 @@ def test_dm_descent_moves_samples_towards_real_mean():
     assert (x0.detach().mean(0) - mu_real).norm() < 0.5 * start
 
 
-def test_dm_gradient_nan_is_zeroed():
-    x0 = torch.ones(1, 2, 2)
-    grad = distribution_matching_gradient(x0, x0.clone(), x0 + 1)  # normaliser 0 -> inf/nan -> finite
-    assert torch.isfinite(grad).all()
+def test_dm_gradient_non_finite_is_zeroed():
+    x0 = torch.ones(2, 2, 2)
+    x0_real = x0.clone()
+    x0_real[1] += 0.5  # sample 0: normaliser 0 -> (0 - (-1)) / 0 = inf; sample 1: finite
+    x0_fake = x0 + 1
+    grad = distribution_matching_gradient(x0, x0_real, x0_fake)
+    assert torch.equal(grad[0], torch.zeros(2, 2))  # not nan_to_num's default 3.4e38
+    torch.testing.assert_close(grad[1], torch.full((2, 2), (-0.5 + 1) / 0.5))
+    x0_real[0] = float("nan")
+    assert torch.equal(distribution_matching_gradient(x0, x0_real, x0_fake)[0], torch.zeros(2, 2))
 
 
 def test_gan_losses_values():

@@ -1,9 +1,9 @@
 """DMD2 training end to end on the tiny SD 1.5 / SDXL pipelines (library, CLI and `accelerate launch`)."""
 
+import dataclasses
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -228,7 +228,9 @@ def test_shared_base_lora_roles(sd15_pipeline):
     x, t = torch.randn(2, 4, 32, 32), torch.tensor([999, 400])
     cond = PromptEncoder(sd15_pipeline, resolution=64)(["a cat", "a dog"])
     reference = unet_output(unet, x, t, cond).detach()
-    nets = build_dmd2_networks(unet, lora_rank=4, fake_lora_rank=8, lora_target_modules=["to_q", "to_v"], gan_feature_size=16)
+    nets = build_dmd2_networks(
+        unet, lora_rank=4, fake_lora_rank=8, lora_target_modules=["to_q", "to_v"], gan_feature_size=16
+    )
     head = list(nets.gan_head.parameters())
     trainable = [p for p in unet.parameters() if p.requires_grad]
     assert len(trainable) == len(nets.parameters_of("generator")) + len(nets.parameters_of("fake_score")) - len(head)
@@ -263,8 +265,14 @@ def test_shared_base_lora_roles(sd15_pipeline):
 def dmd2_parts(sd15_pipeline):
     from accelerate import Accelerator
 
-    config = DMD2Config(pretrained_teacher_model="unused", resolution=64, lora_rank=4, fake_lora_rank=4,
-                        lora_target_modules=["to_q", "to_v"], train_batch_size=2)  # fmt: skip
+    config = DMD2Config(
+        pretrained_teacher_model="unused",
+        resolution=64,
+        lora_rank=4,
+        fake_lora_rank=4,
+        lora_target_modules=["to_q", "to_v"],
+        train_batch_size=2,
+    )
     accelerator = Accelerator(cpu=True)
     sd15_pipeline.set_progress_bar_config(disable=True)
     return config, accelerator, dmd2_module.build_parts(config, accelerator, sd15_pipeline, 64), None
@@ -308,8 +316,9 @@ def test_fake_score_step_regresses_the_denoising_target(dmd2_parts):
     original = dmd2_module.unet_output
     dmd2_module.unet_output = exact_target
     try:
-        logs = dmd2_module.fake_score_step(parts, config, accelerator, TrainingData(["x"]), x0, cond,
-                                           torch.Generator().manual_seed(7))  # fmt: skip
+        logs = dmd2_module.fake_score_step(
+            parts, config, accelerator, TrainingData(["x"]), x0, cond, torch.Generator().manual_seed(7)
+        )
     finally:
         dmd2_module.unet_output = original
     assert logs["loss_fake"].item() == 0.0 and seen["target"].abs().sum() > 0
@@ -335,8 +344,14 @@ def tiny_config(teacher_dir, output_dir, **overrides):
 
 
 def test_resume_gives_identical_losses(sd15_pipeline_dir, data_dir, tmp_path, caplog):
-    common = dict(train_data_dir=data_dir, num_inference_steps=4, generator_gan_loss_weight=5e-3,
-                  fake_score_gan_loss_weight=1e-2, checkpointing_steps=3, max_train_steps=6)  # fmt: skip
+    common = dict(
+        train_data_dir=data_dir,
+        num_inference_steps=4,
+        generator_gan_loss_weight=5e-3,
+        fake_score_gan_loss_weight=1e-2,
+        checkpointing_steps=3,
+        max_train_steps=6,
+    )
     full = train_dmd2(tiny_config(sd15_pipeline_dir, tmp_path / "full", **common))
     assert full["global_step"] == 6 and full["num_skipped_images"] > 0  # the corrupt file is drawn and skipped
     resumed_dir = tmp_path / "resumed"
@@ -359,8 +374,15 @@ def test_ema_student_is_exported_and_resumes_exactly(sd15_pipeline_dir, data_dir
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
-    common = dict(prompt_file=os.path.join(data_dir, "prompts.txt"), student_type="full", use_ema=True, ema_decay=0.5,
-                  dfake_gen_update_ratio=1, checkpointing_steps=3, max_train_steps=6)  # fmt: skip
+    common = dict(
+        prompt_file=os.path.join(data_dir, "prompts.txt"),
+        student_type="full",
+        use_ema=True,
+        ema_decay=0.5,
+        dfake_gen_update_ratio=1,
+        checkpointing_steps=3,
+        max_train_steps=6,
+    )
     train_dmd2(tiny_config(sd15_pipeline_dir, tmp_path / "full", **common))
     exported = list(UNet2DConditionModel.from_pretrained(tmp_path / "full" / "unet").parameters())
     raw = list(UNet2DConditionModel.from_pretrained(tmp_path / "full" / "checkpoint-6" / "generator").parameters())
@@ -382,18 +404,35 @@ def test_ema_student_is_exported_and_resumes_exactly(sd15_pipeline_dir, data_dir
 
 def test_gradient_accumulation_and_epochs(sd15_pipeline_dir, data_dir, tmp_path):
     """Two micro-batches of 1 per step; the step count comes from --num_train_epochs (3 prompts / 2 -> 2 a pass)."""
-    config = tiny_config(sd15_pipeline_dir, tmp_path, prompt_file=os.path.join(data_dir, "prompts.txt"),
-                         train_batch_size=1, gradient_accumulation_steps=2, max_train_steps=None, num_train_epochs=2,
-                         checkpointing_steps=100, dfake_gen_update_ratio=1, scale_lr=True,
-                         lr_scheduler="cosine_with_restarts", lr_num_cycles=2)  # fmt: skip
+    config = tiny_config(
+        sd15_pipeline_dir,
+        tmp_path,
+        prompt_file=os.path.join(data_dir, "prompts.txt"),
+        train_batch_size=1,
+        gradient_accumulation_steps=2,
+        max_train_steps=None,
+        num_train_epochs=2,
+        checkpointing_steps=100,
+        dfake_gen_update_ratio=1,
+        scale_lr=True,
+        lr_scheduler="cosine_with_restarts",
+        lr_num_cycles=2,
+    )
     result = train_dmd2(config)
     assert result["global_step"] == 4 and [r["step"] for r in result["losses"]] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss_dm"]) and math.isfinite(r["loss_fake"]) for r in result["losses"])
 
 
 def test_multistep_without_backward_simulation_uses_real_latents(sdxl_pipeline_dir, data_dir, tmp_path):
-    config = tiny_config(sdxl_pipeline_dir, tmp_path, train_data_dir=data_dir, num_inference_steps=2,
-                         backward_simulation=False, max_train_steps=3, checkpointing_steps=10)  # fmt: skip
+    config = tiny_config(
+        sdxl_pipeline_dir,
+        tmp_path,
+        train_data_dir=data_dir,
+        num_inference_steps=2,
+        backward_simulation=False,
+        max_train_steps=3,
+        checkpointing_steps=10,
+    )
     result = train_dmd2(config)
     assert result["global_step"] == 3 and all(math.isfinite(r["loss_fake"]) for r in result["losses"])
 
@@ -402,15 +441,24 @@ def test_push_to_hub_checks_the_repo_first_and_uploads_the_export(sd15_pipeline_
     from diffusers_distill import hub
 
     calls = []
-    monkeypatch.setattr(hub, "prepare_hub_repo", lambda repo_id, token=None: calls.append(("create", repo_id, token))
-                        or f"user/{repo_id}")  # fmt: skip
+    monkeypatch.setattr(
+        hub,
+        "prepare_hub_repo",
+        lambda repo_id, token=None: calls.append(("create", repo_id, token)) or f"user/{repo_id}",
+    )
 
     def fake_push(output_dir, repo_id, token=None, **kwargs):
         calls.append(("push", repo_id, token, sorted(os.listdir(output_dir))))
 
     monkeypatch.setattr(hub, "push_student_to_hub", fake_push)
-    config = tiny_config(sd15_pipeline_dir, tmp_path / "my-student", prompt_file=os.path.join(data_dir, "prompts.txt"),
-                         max_train_steps=1, push_to_hub=True, hub_token="hf_x")  # fmt: skip
+    config = tiny_config(
+        sd15_pipeline_dir,
+        tmp_path / "my-student",
+        prompt_file=os.path.join(data_dir, "prompts.txt"),
+        max_train_steps=1,
+        push_to_hub=True,
+        hub_token="hf_x",
+    )
     train_dmd2(config)
     assert calls[0] == ("create", "my-student", "hf_x")  # default: the output folder's name, as in diffusers
     assert calls[1][:3] == ("push", "user/my-student", "hf_x") and "pytorch_lora_weights.safetensors" in calls[1][3]
@@ -426,8 +474,13 @@ def test_hub_failure_is_reported_before_the_teacher_loads(sd15_pipeline_dir, dat
 
     monkeypatch.setattr(huggingface_hub, "create_repo", refuse)
     monkeypatch.setattr(core, "load_teacher_pipeline", lambda *a, **k: pytest.fail("the teacher must not load"))
-    config = tiny_config(sd15_pipeline_dir, tmp_path, prompt_file=os.path.join(data_dir, "prompts.txt"),
-                         push_to_hub=True, hub_model_id="user/x")  # fmt: skip
+    config = tiny_config(
+        sd15_pipeline_dir,
+        tmp_path,
+        prompt_file=os.path.join(data_dir, "prompts.txt"),
+        push_to_hub=True,
+        hub_model_id="user/x",
+    )
     with pytest.raises(ConfigError, match=r"--push_to_hub: cannot create or access the Hub repo 'user/x' \(401"):
         train_dmd2(config)
 
@@ -441,8 +494,13 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(sd15_pipeline_dir, data_dir, t
         return real_loss(output, target) * (float("nan") if calls["n"] >= 3 else 1.0)
 
     monkeypatch.setattr(dmd2_module, "fake_score_loss", loss_that_breaks)
-    config = tiny_config(sd15_pipeline_dir, tmp_path, prompt_file=os.path.join(data_dir, "prompts.txt"),
-                         checkpointing_steps=2, max_train_steps=5)  # fmt: skip
+    config = tiny_config(
+        sd15_pipeline_dir,
+        tmp_path,
+        prompt_file=os.path.join(data_dir, "prompts.txt"),
+        checkpointing_steps=2,
+        max_train_steps=5,
+    )
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3.*checkpoint-2"):
         train_dmd2(config)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "losses.jsonl"]
@@ -467,21 +525,102 @@ def test_failed_checkpoint_leaves_no_tmp_folder(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-# ---------------------------------------------------------------------- accelerate launch (slow)
+# ---------------------------------------------------------------------- the script: help, errors, launch
+def _seconds(command, env=None):
+    import time
+
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
+    return time.perf_counter() - start, result
+
+
+def test_help_describes_every_flag_and_is_cheaper_than_importing_the_package():
+    """--help imports no torch: compared with `import diffusers_distill` + torch (the least a training run needs),
+    as a ratio, so a slow shared machine does not make the test flaky."""
+    help_seconds, result = _seconds([sys.executable, SCRIPT, "--help"], env={"COLUMNS": "100000"})
+    assert result.returncode == 0, result.stderr
+    import_seconds, _ = _seconds([sys.executable, "-c", "import diffusers_distill, torch"])
+    assert help_seconds < import_seconds, (help_seconds, import_seconds)
+    text = " ".join(result.stdout.split())
+    for f in dataclasses.fields(DMD2Config):
+        assert f"--{f.name}" in text and " ".join(f.metadata["help"].split()) in text, f.name
+
+
+def test_bad_config_is_one_line_before_any_model_loads(tmp_path):
+    """A bad option and a bad data file each give one line naming the flag, exit code 2, and no torch import."""
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("a cat\n")
+    probe = "import sys, runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    cases = [
+        (
+            ["--pretrained_teacher_model", "sd15", "--prompt_file", str(prompts), "--student_type", "half"],
+            "train_dmd2.py: error: --student_type must be one of ('lora', 'full'), got 'half'",
+        ),
+        (
+            ["--pretrained_teacher_model", "sd15", "--prompt_file", str(prompts)],
+            "train_dmd2.py: error: --prompt_file must end with .txt or .jsonl, got",
+        ),
+    ]
+    for args, message in cases:
+        seconds, result = _seconds([sys.executable, "-X", "importtime", "-c", probe, SCRIPT, *args])
+        assert result.returncode == 2
+        lines = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+        assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
+        imported = {
+            line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
+        }
+        assert "torch" not in imported and "diffusers" not in imported  # found before any heavy import
+
+
+def test_bad_data_is_reported_before_the_teacher_loads(sd15_pipeline_dir, tmp_path, monkeypatch):
+    from diffusers_distill.training import core
+
+    bad = tmp_path / "empty.txt"
+    bad.write_text("\n")
+    monkeypatch.setattr(core, "load_teacher_pipeline", lambda *a, **k: pytest.fail("the teacher must not load"))
+    with pytest.raises(ConfigError, match="--prompt_file .* contains no prompts"):
+        train_dmd2(tiny_config(sd15_pipeline_dir, tmp_path / "out", prompt_file=str(bad)))
+
+
+def test_bundled_teacher_name_and_resolution(tmp_path, caplog):
+    """`sd15` is the bundled digits teacher; its resolution (32) is used when none is given; a different one warns."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a handwritten digit seven\n")
+    common = dict(
+        pretrained_teacher_model="sd15",
+        prompt_file=str(prompts),
+        student_type="full",
+        fake_score_type="full",
+        train_batch_size=1,
+        max_train_steps=1,
+        report_to="none",
+    )
+    with caplog.at_level("INFO"):
+        train_dmd2(DMD2Config(output_dir=str(tmp_path / "a"), **common))
+    assert "--resolution not given: using the teacher's native 32" in caplog.text
+    assert "differs from the teacher's native" not in caplog.text
+    with caplog.at_level("WARNING"):
+        train_dmd2(DMD2Config(output_dir=str(tmp_path / "b"), resolution=48, **common))
+    assert "--resolution 48 differs from the teacher's native 32" in caplog.text
+
+
 @pytest.mark.slow
 def test_launch_sd15_lora_1step_and_load_lora(sd15_pipeline_dir, data_dir, accelerate_configs, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "out"
-    launch(accelerate_configs[0], ["--pretrained_teacher_model", sd15_pipeline_dir, "--output_dir", str(out),
-                                   "--prompt_file", os.path.join(data_dir, "prompts.txt"), "--max_train_steps", "4",
-                                   "--checkpointing_steps", "2", "--checkpoints_total_limit", "1",
-                                   "--validation_prompts", "a cat", "--validation_steps", "4", "--lora_alpha", "8",
-                                   "--cache_text_embeddings", *TINY, "--report_to", "tensorboard"])  # fmt: skip
+    args = ["--pretrained_teacher_model", sd15_pipeline_dir, "--output_dir", str(out)]
+    args += ["--prompt_file", os.path.join(data_dir, "prompts.txt"), "--max_train_steps", "4"]
+    args += ["--checkpointing_steps", "2", "--checkpoints_total_limit", "1", "--validation_prompts", "a cat"]
+    args += ["--validation_steps", "4", "--lora_alpha", "8", "--cache_text_embeddings", *TINY]
+    result = launch(accelerate_configs[0], [*args, "--report_to", "tensorboard"])
+    for noise in ("kept in float32", "Already found a `peft_config`", "requires torchvision"):
+        assert noise not in result.stdout + result.stderr, noise
     assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(out / "logs") for name in files)
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-4"]
-    assert {"generator_lora", "fake_lora", "optimizer.bin"} <= set(os.listdir(out / "checkpoint-4"))
+    assert {"generator_lora", "fake_score_lora", "optimizer.bin"} <= set(os.listdir(out / "checkpoint-4"))
     assert len(read_losses(out)) == 4 and os.path.exists(out / "validation" / "step-4.png")
+    assert os.stat(out / "pytorch_lora_weights.safetensors").st_mode & 0o777 == 0o666 & ~_umask()
     pipe = StableDiffusionPipeline.from_pretrained(sd15_pipeline_dir)
     x, t = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([999])
     text = torch.randn(1, 77, 32)
@@ -491,14 +630,21 @@ def test_launch_sd15_lora_1step_and_load_lora(sd15_pipeline_dir, data_dir, accel
     assert not torch.allclose(before, after)  # the trained generator adapter is non-zero
 
 
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @pytest.mark.slow
 def test_launch_sdxl_lora_4step_gan_resume(sdxl_pipeline_dir, data_dir, accelerate_configs, tmp_path):
     out = tmp_path / "out"
-    args = ["--pretrained_teacher_model", sdxl_pipeline_dir, "--output_dir", str(out), "--train_data_dir", data_dir,
-            "--num_inference_steps", "4", "--gen_cls_loss_weight", "5e-3", "--guidance_cls_loss_weight", "1e-2",
-            "--checkpointing_steps", "2", "--real_guidance_scale", "8", *TINY]  # fmt: skip
+    args = ["--pretrained_teacher_model", sdxl_pipeline_dir, "--output_dir", str(out), "--train_data_dir", data_dir]
+    args += ["--num_inference_steps", "4", "--gen_cls_loss_weight", "5e-3", "--guidance_cls_loss_weight", "1e-2"]
+    args += ["--checkpointing_steps", "2", "--real_guidance_scale", "8", *TINY]
     launch(accelerate_configs[0], [*args, "--max_train_steps", "2"])
-    launch(accelerate_configs[0], [*args, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"])
+    result = launch(accelerate_configs[0], [*args, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"])
+    assert "resuming from checkpoint-2 at step 2" in result.stderr
     losses = read_losses(out)
     assert [r["step"] for r in losses] == [1, 2, 3] and "loss_disc" in losses[0]
     assert os.path.exists(out / "pytorch_lora_weights.safetensors")
@@ -506,32 +652,75 @@ def test_launch_sdxl_lora_4step_gan_resume(sdxl_pipeline_dir, data_dir, accelera
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,steps", [("sd15", "4"), ("sdxl", "1")])
-def test_launch_full_students(arch, steps, sd15_pipeline_dir, sdxl_pipeline_dir, data_dir, accelerate_configs,
-                              tmp_path):  # fmt: skip
-    teacher = sd15_pipeline_dir if arch == "sd15" else sdxl_pipeline_dir
-    out = tmp_path / "out"
-    launch(accelerate_configs[0], ["--pretrained_teacher_model", teacher, "--output_dir", str(out),
-                                   "--prompt_file", os.path.join(data_dir, "prompts.txt"), "--student_type", "full",
-                                   "--fake_score_type", "full", "--num_inference_steps", steps,
-                                   "--max_train_steps", "2", "--checkpointing_steps", "2", *TINY])  # fmt: skip
-    assert {"generator", "fake"} <= set(os.listdir(out / "checkpoint-2"))
+def test_launch_full_students(
+    arch, steps, sd15_pipeline_dir, sdxl_pipeline_dir, data_dir, accelerate_configs, tmp_path
+):
     from diffusers import DiffusionPipeline
 
-    student = DiffusionPipeline.from_pretrained(str(out))  # a native diffusers folder (H5's export)
+    teacher = sd15_pipeline_dir if arch == "sd15" else sdxl_pipeline_dir
+    out = tmp_path / "out"
+    args = ["--pretrained_teacher_model", teacher, "--output_dir", str(out)]
+    args += ["--prompt_file", os.path.join(data_dir, "prompts.txt"), "--student_type", "full"]
+    args += ["--fake_score_type", "full", "--num_inference_steps", steps, "--max_train_steps", "2"]
+    launch(accelerate_configs[0], [*args, "--checkpointing_steps", "2", *TINY])
+    assert {"generator", "fake_score"} <= set(os.listdir(out / "checkpoint-2"))
+    student = DiffusionPipeline.from_pretrained(str(out))  # a native diffusers folder
     expected = "StableDiffusionPipeline" if arch == "sd15" else "StableDiffusionXLPipeline"
     assert type(student).__name__ == expected
 
 
+def _file_digest(path):
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 @pytest.mark.slow
-def test_launch_two_processes_gloo(sd15_pipeline_dir, data_dir, accelerate_configs, tmp_path):
+def test_launch_two_processes_gloo_resumes_to_the_same_weights(
+    sd15_pipeline_dir, data_dir, accelerate_configs, tmp_path
+):
+    """2 processes (gloo): the saved student of an uninterrupted run and of a run resumed from its checkpoint are
+    byte-identical, and the checkpoint holds both ranks' RNG states."""
+    common = ["--pretrained_teacher_model", sd15_pipeline_dir, "--prompt_file", os.path.join(data_dir, "prompts.txt")]
+    common += ["--max_train_steps", "3", "--num_inference_steps", "4", "--checkpointing_steps", "2", *TINY]
     out = tmp_path / "out"
-    result = launch(accelerate_configs[1], ["--pretrained_teacher_model", sd15_pipeline_dir, "--output_dir", str(out),
-                                   "--prompt_file", os.path.join(data_dir, "prompts.txt"), "--max_train_steps", "3",
-                                   "--num_inference_steps", "4", "--checkpointing_steps", "2", *TINY],
-           num_processes=2, ACCELERATE_USE_CPU="1")  # fmt: skip
-    checksums = re.findall(r"generator checksum ([-+0-9.]+e[-+][0-9]+)", result.stdout)  # ranks' prints may interleave
-    assert len(checksums) == 2 and checksums[0] == checksums[1]  # both processes hold the same trained weights
+    result = launch(accelerate_configs[1], [*common, "--output_dir", str(out)], num_processes=2, ACCELERATE_USE_CPU="1")
     assert "on 2 process(es)" in result.stdout
     assert [r["step"] for r in read_losses(out)] == [1, 2, 3]
     assert os.path.isdir(out / "checkpoint-2") and not os.path.exists(out / "checkpoint-2.tmp")
     assert os.path.exists(out / "checkpoint-2" / "random_states_1.pkl")
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    args = [*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"]
+    launch(accelerate_configs[1], args, num_processes=2, ACCELERATE_USE_CPU="1")
+    weights = "pytorch_lora_weights.safetensors"
+    assert _file_digest(resumed / weights) == _file_digest(out / weights)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_uninterrupted(sd15_pipeline_dir, data_dir, accelerate_configs, tmp_path):
+    """SIGKILL a run right after its first checkpoint; resuming it ends with the same weights and loss rows."""
+    import signal
+    import time
+
+    common = ["--pretrained_teacher_model", sd15_pipeline_dir, "--prompt_file", os.path.join(data_dir, "prompts.txt")]
+    common += ["--max_train_steps", "12", "--checkpointing_steps", "3", "--num_inference_steps", "2", *TINY]
+    reference = tmp_path / "reference"
+    launch(accelerate_configs[0], [*common, "--output_dir", str(reference)])
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, SCRIPT, *common, "--output_dir", str(killed)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-3").is_dir() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (killed / "checkpoint-3").is_dir() and not (killed / "pytorch_lora_weights.safetensors").exists()
+    launch(accelerate_configs[0], [*common, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
+    weights = "pytorch_lora_weights.safetensors"
+    assert _file_digest(killed / weights) == _file_digest(reference / weights)
+    assert read_losses(killed) == read_losses(reference)

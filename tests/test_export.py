@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-from peft import LoraConfig
 from safetensors import safe_open
 
 from diffusers_distill import testing
@@ -27,21 +26,6 @@ def _config(**overrides):
     values = dict(arch="sd15", student_type="lora", num_inference_steps=4, timesteps=DMD2_4STEP, base_model="base")
     values.update(overrides)
     return StudentConfig(**values)
-
-
-def _perturb_lora(unet, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-
-
-def _add_student_lora(unet, rank=4, alpha=16):
-    """Adapter with alpha != rank: only reloads correctly when the LoraConfig metadata is saved."""
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
-                     adapter_name="generator")  # fmt: skip
-    _perturb_lora(unet)
 
 
 def _unet_out(unet, sample_inputs):
@@ -112,9 +96,10 @@ def test_student_scheduler_default_schedule_is_training_schedule(timesteps):
 def test_lora_student_reloads_exactly_with_alpha(tmp_path, arch):
     pipe = testing.tiny_sd15_pipeline() if arch == "sd15" else testing.tiny_sdxl_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    _add_student_lora(pipe.unet, rank=4, alpha=16)
-    kwargs = dict(prompt="a photo of a cat", num_inference_steps=2, guidance_scale=0.0, height=64, width=64,
-                  output_type="np")  # fmt: skip
+    testing.add_random_lora(pipe.unet, rank=4, alpha=16)
+    kwargs = dict(
+        prompt="a photo of a cat", num_inference_steps=2, guidance_scale=0.0, height=64, width=64, output_type="np"
+    )
     expected = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
 
     out = tmp_path / "student"
@@ -142,7 +127,7 @@ def test_lora_student_reloads_exactly_with_alpha(tmp_path, arch):
 
 def test_lora_student_unet_level_round_trip(tmp_path):
     pipe = testing.tiny_sd15_pipeline()
-    _add_student_lora(pipe.unet)
+    testing.add_random_lora(pipe.unet)
     inputs = _sd_inputs(pipe.unet)
     expected = _unet_out(pipe.unet, inputs)
     save_lora_student(tmp_path, pipe.unet, "generator", StableDiffusionPipeline, _config())
@@ -153,7 +138,7 @@ def test_lora_student_unet_level_round_trip(tmp_path):
 
 def test_save_lora_student_rejects_bad_arguments(tmp_path):
     pipe = testing.tiny_sd15_pipeline()
-    _add_student_lora(pipe.unet)
+    testing.add_random_lora(pipe.unet)
     with pytest.raises(ValueError, match="adapter_name must be one of \\['generator'\\]"):
         save_lora_student(tmp_path, pipe.unet, "fake", StableDiffusionPipeline, _config())
     with pytest.raises(ValueError, match="student_type must be 'lora'"):
@@ -217,6 +202,7 @@ def test_full_student_passes_hub_download_check_and_loads_in_fresh_process(tmp_p
         "print(type(p).__name__, p.scheduler.timesteps.tolist(), 'diffusers_distill' in sys.modules)"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
-                         cwd=tmp_path)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, cwd=tmp_path
+    )
     assert out.stdout.strip().splitlines()[-1] == "StableDiffusionPipeline [999, 749, 499, 249] False"

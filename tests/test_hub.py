@@ -46,8 +46,14 @@ def test_model_card_content(lora_output_dir):
     assert card.data.base_model == "stabilityai/stable-diffusion-xl-base-1.0"
     assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
     expected_tags = (
-        "diffusers", "text-to-image", "dmd2", "lora", "distillation", "stable-diffusion-xl", "arxiv:2405.14867",
-    )  # fmt: skip
+        "diffusers",
+        "text-to-image",
+        "dmd2",
+        "lora",
+        "distillation",
+        "stable-diffusion-xl",
+        "arxiv:2405.14867",
+    )
     for tag in expected_tags:
         assert tag in card.data.tags
     text = card.text
@@ -69,8 +75,10 @@ def test_model_card_full_student_uses_plain_diffusion_pipeline(tmp_path):
 
 
 def test_push_uploads_student_without_training_leftovers(lora_output_dir):
-    with mock.patch("huggingface_hub.create_repo") as create_repo, \
-         mock.patch("huggingface_hub.upload_folder") as upload:  # fmt: skip
+    with (
+        mock.patch("huggingface_hub.create_repo") as create_repo,
+        mock.patch("huggingface_hub.upload_folder") as upload,
+    ):
         push_student_to_hub(lora_output_dir, "user/dmd2", token="tok", private=True, commit_message="msg")
     create_repo.assert_called_once_with("user/dmd2", token="tok", private=True, exist_ok=True)
     kwargs = upload.call_args.kwargs
@@ -88,8 +96,9 @@ def test_push_uploads_student_without_training_leftovers(lora_output_dir):
 
 def test_failed_upload_keeps_files_and_says_how_to_retry(lora_output_dir):
     before = sorted(os.listdir(lora_output_dir))
-    with mock.patch("huggingface_hub.create_repo"), mock.patch(
-        "huggingface_hub.upload_folder", side_effect=ConnectionError("network down")
+    with (
+        mock.patch("huggingface_hub.create_repo"),
+        mock.patch("huggingface_hub.upload_folder", side_effect=ConnectionError("network down")),
     ):
         with pytest.raises(RuntimeError, match="network down") as info:
             push_student_to_hub(lora_output_dir, "user/dmd2")

@@ -1,4 +1,6 @@
+import ast
 import importlib
+import pathlib
 
 import numpy as np
 import torch
@@ -34,6 +36,42 @@ def test_tiny_pipelines_generate(sd15_pipeline, sdxl_pipeline, sd3_pipeline):
 def test_tiny_pipeline_round_trips_through_disk(sd15_pipeline_dir):
     from diffusers import StableDiffusionPipeline
 
+    from diffusers_distill import testing
+
     pipe = StableDiffusionPipeline.from_pretrained(sd15_pipeline_dir, local_files_only=True)
-    assert pipe.tokenizer("a photo of a cat").input_ids[1:-1] == pipe.tokenizer("a photo of a cat").input_ids[1:-1]
-    assert len(pipe.tokenizer("a photo of a cat").input_ids) == 7  # bos + 5 whole-word tokens + eos
+    ids = pipe.tokenizer("a photo of a cat").input_ids
+    assert ids == testing.tiny_clip_tokenizer()("a photo of a cat").input_ids  # the saved tokenizer is the same
+    vocab = pipe.tokenizer.get_vocab()
+    words = [vocab["<|startoftext|>"], *(vocab[w + "</w>"] for w in ("a", "photo", "of", "a", "cat"))]
+    assert ids == [*words, vocab["<|endoftext|>"]]  # bos + 5 whole-word tokens + eos
+    reference = testing.tiny_sd15_pipeline()
+    for name, param in reference.unet.state_dict().items():  # the weights survive the disk round trip exactly
+        assert torch.equal(pipe.unet.state_dict()[name], param), name
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MAX_FUNCTION_LINES = 80
+# Files edited by other open issues when this check was added; the lead removes entries as they merge.
+FMT_SKIP_PENDING = {"diffusers_distill/cli.py"}
+
+
+def _python_files(*folders):
+    return sorted(p for folder in folders for p in (REPO / folder).rglob("*.py"))
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = []
+    for path in _python_files("training", "diffusers_distill", "pipelines"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({length} lines)")
+    assert long == [], long
+
+
+def test_no_fmt_skip_markers():
+    marker = "# fmt: " + "skip"  # split so this file does not match itself
+    folders = ("training", "diffusers_distill", "pipelines", "schedulers", "benchmarks", "tests")
+    found = {str(p.relative_to(REPO)) for p in _python_files(*folders) if marker in p.read_text(encoding="utf-8")}
+    assert found <= FMT_SKIP_PENDING, sorted(found - FMT_SKIP_PENDING)

@@ -9,29 +9,10 @@ from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionPipeline, 
 
 from diffusers_distill import DMD2StableDiffusionPipeline, DMD2StableDiffusionXLPipeline, testing
 from diffusers_distill.export import StudentConfig, save_full_student, save_lora_student
-from peft import LoraConfig
 
 DMD2_4STEP = [999, 749, 499, 249]
 
 SIZE = dict(height=64, width=64, output_type="np")
-
-
-def _add_student_lora(unet, rank=4, alpha=16):
-    """A non-trivial adapter with alpha != rank (only reloads right if the LoraConfig metadata is saved)."""
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
-                     adapter_name="generator")  # fmt: skip
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-
-
-@pytest.fixture(scope="module")
-def sd15_base_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base-sd15")
-    testing.tiny_sd15_pipeline().save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +21,13 @@ def lora_student_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("lora-student")
     pipe = testing.tiny_sd15_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    _add_student_lora(pipe.unet)
+    testing.add_random_lora(pipe.unet)
     config = StudentConfig("sd15", "lora", 4, DMD2_4STEP, base_model="base")
     save_lora_student(path, pipe.unet, "generator", StableDiffusionPipeline, config)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-    expected = pipe("a cat", timesteps=DMD2_4STEP, guidance_scale=0.0, generator=torch.Generator().manual_seed(0),
-                    **SIZE).images  # fmt: skip
+    expected = pipe(
+        "a cat", timesteps=DMD2_4STEP, guidance_scale=0.0, generator=torch.Generator().manual_seed(0), **SIZE
+    ).images
     return str(path), expected
 
 
@@ -61,9 +43,9 @@ def _spy_unet_calls(pipe):
     return calls
 
 
-def test_lora_student_on_base_defaults_and_output(sd15_base_dir, lora_student_dir):
+def test_lora_student_on_base_defaults_and_output(sd15_pipeline_dir, lora_student_dir):
     student_dir, expected = lora_student_dir
-    pipe = DMD2StableDiffusionPipeline.from_pretrained(sd15_base_dir, student=student_dir, local_files_only=True)
+    pipe = DMD2StableDiffusionPipeline.from_pretrained(sd15_pipeline_dir, student=student_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.student_config.timesteps == DMD2_4STEP
     assert isinstance(pipe.scheduler, LCMScheduler)
@@ -75,8 +57,8 @@ def test_lora_student_on_base_defaults_and_output(sd15_base_dir, lora_student_di
     torch.testing.assert_close(torch.from_numpy(images), torch.from_numpy(expected), atol=1e-5, rtol=0)
 
 
-def test_explicit_arguments_override_student_defaults(sd15_base_dir, lora_student_dir):
-    pipe = DMD2StableDiffusionPipeline.from_pretrained(sd15_base_dir, local_files_only=True)
+def test_explicit_arguments_override_student_defaults(sd15_pipeline_dir, lora_student_dir):
+    pipe = DMD2StableDiffusionPipeline.from_pretrained(sd15_pipeline_dir, local_files_only=True)
     assert pipe.student_call_defaults() == {}  # a plain base pipeline keeps diffusers' defaults
     pipe.load_student(lora_student_dir[0])
     assert pipe.student_call_defaults() == {"num_inference_steps": 4, "timesteps": DMD2_4STEP, "guidance_scale": 0.0}
@@ -91,10 +73,10 @@ def test_explicit_arguments_override_student_defaults(sd15_base_dir, lora_studen
     assert [c[1] for c in calls] == [2] * 4  # CFG on -> conditional + unconditional batch
 
 
-def test_fused_lora_student_matches(sd15_base_dir, lora_student_dir):
+def test_fused_lora_student_matches(sd15_pipeline_dir, lora_student_dir):
     student_dir, expected = lora_student_dir
     pipe = DMD2StableDiffusionPipeline.from_pretrained(
-        sd15_base_dir, student=student_dir, fuse_student=True, local_files_only=True
+        sd15_pipeline_dir, student=student_dir, fuse_student=True, local_files_only=True
     )
     pipe.unload_lora_weights()
     pipe.set_progress_bar_config(disable=True)
@@ -112,14 +94,15 @@ def test_full_student_folder_ours_equals_plain_diffusers(tmp_path):
     for pipe in (ours, plain):
         pipe.set_progress_bar_config(disable=True)
     a = ours("a cat", generator=torch.Generator().manual_seed(0), **SIZE).images
-    b = plain("a cat", num_inference_steps=4, guidance_scale=0.0, generator=torch.Generator().manual_seed(0),
-              **SIZE).images  # fmt: skip
+    b = plain(
+        "a cat", num_inference_steps=4, guidance_scale=0.0, generator=torch.Generator().manual_seed(0), **SIZE
+    ).images
     torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(b))
 
 
-def test_save_pretrained_writes_native_class_and_config(tmp_path, sd15_base_dir, lora_student_dir):
+def test_save_pretrained_writes_native_class_and_config(tmp_path, sd15_pipeline_dir, lora_student_dir):
     pipe = DMD2StableDiffusionPipeline.from_pretrained(
-        sd15_base_dir, student=lora_student_dir[0], fuse_student=True, local_files_only=True
+        sd15_pipeline_dir, student=lora_student_dir[0], fuse_student=True, local_files_only=True
     )
     pipe.unload_lora_weights()
     pipe.save_pretrained(tmp_path)
@@ -130,8 +113,8 @@ def test_save_pretrained_writes_native_class_and_config(tmp_path, sd15_base_dir,
     assert type(DiffusionPipeline.from_pretrained(str(tmp_path), local_files_only=True)) is StableDiffusionPipeline
 
 
-def test_load_student_rejects_wrong_arch_and_missing_config(tmp_path, sd15_base_dir):
-    pipe = DMD2StableDiffusionPipeline.from_pretrained(sd15_base_dir, local_files_only=True)
+def test_load_student_rejects_wrong_arch_and_missing_config(tmp_path, sd15_pipeline_dir):
+    pipe = DMD2StableDiffusionPipeline.from_pretrained(sd15_pipeline_dir, local_files_only=True)
     with pytest.raises(ValueError, match="student_config.json"):
         pipe.load_student(str(tmp_path))
     StudentConfig("sdxl", "lora", 4, DMD2_4STEP).save(tmp_path)
@@ -140,12 +123,17 @@ def test_load_student_rejects_wrong_arch_and_missing_config(tmp_path, sd15_base_
     assert pipe.student_config is None
 
 
-def test_hub_id_student_config_is_fetched(tmp_path, sd15_base_dir):
+def test_hub_id_student_config_is_fetched(tmp_path, sd15_pipeline_dir):
     """A Hub id (not a local dir) fetches student_config.json with hf_hub_download (mocked: no network)."""
     StudentConfig("sd15", "full", 1, [999]).save(tmp_path)
-    with mock.patch("huggingface_hub.hf_hub_download", return_value=str(tmp_path / "student_config.json")) as dl, \
-         mock.patch.object(StableDiffusionPipeline, "from_pretrained",
-                           return_value=DMD2StableDiffusionPipeline.from_pretrained(sd15_base_dir)):  # fmt: skip
+    with (
+        mock.patch("huggingface_hub.hf_hub_download", return_value=str(tmp_path / "student_config.json")) as dl,
+        mock.patch.object(
+            StableDiffusionPipeline,
+            "from_pretrained",
+            return_value=DMD2StableDiffusionPipeline.from_pretrained(sd15_pipeline_dir),
+        ),
+    ):
         pipe = DMD2StableDiffusionPipeline.from_pretrained("user/dmd2-1step", revision="main")
     dl.assert_called_once_with("user/dmd2-1step", "student_config.json", revision="main")
     assert pipe.student_config.timesteps == [999]
@@ -153,8 +141,8 @@ def test_hub_id_student_config_is_fetched(tmp_path, sd15_base_dir):
     assert pipe.scheduler.timesteps.tolist() == [999]
 
 
-def test_save_pretrained_refuses_push_to_hub(tmp_path, sd15_base_dir):
-    pipe = DMD2StableDiffusionPipeline.from_pretrained(sd15_base_dir, local_files_only=True)
+def test_save_pretrained_refuses_push_to_hub(tmp_path, sd15_pipeline_dir):
+    pipe = DMD2StableDiffusionPipeline.from_pretrained(sd15_pipeline_dir, local_files_only=True)
     with pytest.raises(ValueError, match="push_student_to_hub"):
         pipe.save_pretrained(tmp_path, push_to_hub=True, repo_id="user/x")
     assert list(tmp_path.iterdir()) == []

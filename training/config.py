@@ -189,6 +189,8 @@ class TrainingConfig:
                 raise ConfigError(f"--{name} must be >= {minimum}, got {value}")
 
     def _check_paths(self) -> None:
+        if self.prompt_file and not self.prompt_file.endswith((".txt", ".jsonl")):
+            raise ConfigError(f"--prompt_file must end with .txt or .jsonl, got {self.prompt_file!r}")
         if self.prompt_file and not os.path.isfile(self.prompt_file):
             raise ConfigError(f"--prompt_file not found: {self.prompt_file!r}")
         if self.train_data_dir and not os.path.isdir(self.train_data_dir):
@@ -200,26 +202,42 @@ class TrainingConfig:
         resume = self.resume_from_checkpoint
         if resume not in (None, "latest") and not os.path.isdir(resume):
             raise ConfigError(f"--resume_from_checkpoint must be 'latest' or an existing folder, got {resume!r}")
-        for flag, module in (("enable_xformers_memory_efficient_attention", "xformers"), ("use_8bit_adam", "bitsandbytes")):
+        for flag, module in (
+            ("enable_xformers_memory_efficient_attention", "xformers"),
+            ("use_8bit_adam", "bitsandbytes"),
+        ):
             if getattr(self, flag) and importlib.util.find_spec(module) is None:
                 raise ConfigError(f"--{flag} needs the {module} package: `pip install {module}`")
 
     def _check_teacher(self) -> None:
         if not self.pretrained_teacher_model:
-            raise ConfigError("--pretrained_teacher_model is required (a Hub id, a local pipeline folder, sd15 or sdxl)")
+            raise ConfigError(
+                "--pretrained_teacher_model is required (a Hub id, a local pipeline folder, sd15 or sdxl)"
+            )
         path = resolve_teacher(self.pretrained_teacher_model)
         looks_local = os.path.isabs(path) or path.startswith(".") or os.path.exists(path)
         if looks_local and not os.path.isfile(os.path.join(path, "model_index.json")):
-            raise ConfigError(f"--pretrained_teacher_model {path!r} is not a diffusers pipeline folder (no model_index.json)")
+            raise ConfigError(
+                f"--pretrained_teacher_model {path!r} is not a diffusers pipeline folder (no model_index.json)"
+            )
 
     def validate(self) -> None:
         """Raise ``ConfigError`` (one line, naming the flag) on bad options, before any model loads."""
         self._check_choices(
-            {"student_type": LAYOUTS, "mixed_precision": MIXED_PRECISIONS, "report_to": REPORT_TO, "lr_scheduler": LR_SCHEDULERS}
+            {
+                "student_type": LAYOUTS,
+                "mixed_precision": MIXED_PRECISIONS,
+                "report_to": REPORT_TO,
+                "lr_scheduler": LR_SCHEDULERS,
+            }
         )
         self._check_teacher()
-        self._check_at_least(1, ("train_batch_size", "max_train_steps", "num_train_epochs", "gradient_accumulation_steps"))
-        self._check_at_least(1, ("checkpointing_steps", "validation_steps", "lora_rank", "lr_num_cycles", "max_train_samples"))
+        self._check_at_least(
+            1, ("train_batch_size", "max_train_steps", "num_train_epochs", "gradient_accumulation_steps")
+        )
+        self._check_at_least(
+            1, ("checkpointing_steps", "validation_steps", "lora_rank", "lr_num_cycles", "max_train_samples")
+        )
         self._check_at_least(1, ("checkpoints_total_limit", "resolution"))
         self._check_at_least(0, ("lr_warmup_steps", "dataloader_num_workers", "learning_rate", "max_grad_norm"))
         if self.resolution is not None and self.resolution % 8:
@@ -248,7 +266,9 @@ class TrainingConfig:
 
     def tracker_config(self) -> dict:
         """Flat, secret-free values for the trackers' hyper-parameter tables."""
-        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in dataclasses.asdict(self).items()}
+        flat = {
+            k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in dataclasses.asdict(self).items()
+        }
         flat.pop("hub_token", None)
         return flat
 
@@ -263,7 +283,9 @@ def _unwrap_optional(hint):
 def build_parser(config_class: type, description: str, prog: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field of ``config_class`` (plus ``--config``), each with its help."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", default=None, help="Preset file (.json/.yaml) with config fields; flags override it.")
+    parser.add_argument(
+        "--config", default=None, help="Preset file (.json/.yaml) with config fields; flags override it."
+    )
     hints = typing.get_type_hints(config_class)
     aliases: dict[str, list[str]] = {}
     for alias, name in config_class.aliases().items():

@@ -143,9 +143,12 @@ def teacher_resolution(pipe, requested: int | None) -> int:
     """``requested`` or the teacher's native size (``unet.sample_size * vae scale``); warns when they differ."""
     native = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     if requested is None:
+        logger.info("--resolution not given: using the teacher's native %d", native)
         return int(native)
     if requested != native:
-        logger.warning("--resolution %d differs from the teacher's native %d: the student trains off-size", requested, native)
+        logger.warning(
+            "--resolution %d differs from the teacher's native %d: the student trains off-size", requested, native
+        )
     return requested
 
 

@@ -41,7 +41,9 @@ def load_prompt_file(path: str) -> list[str]:
             record = json.loads(line)
             key = next((k for k in PROMPT_KEYS if k in record), None)
             if key is None:
-                raise ValueError(f"--prompt_file: every line of {path} needs one of the keys {PROMPT_KEYS}: {line[:80]}")
+                raise ValueError(
+                    f"--prompt_file: every line of {path} needs one of the keys {PROMPT_KEYS}: {line[:80]}"
+                )
             prompts.append(str(record[key]))
     if not prompts:
         raise ValueError(f"--prompt_file {path!r} contains no prompts")

@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 TEACHER_STEPS = 25
+_FIXED_OPTIONS = {"cache_text_embeddings": True, "checkpointing_steps": 10**9, "report_to": "none"}
 TEACHER_SCHEDULER = "ddim"
 
 
@@ -126,9 +127,15 @@ def _public(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k != "images"}
 
 
-def evaluate_digits_student(student_dir: str, guidance: float, n_per_digit: int = 10, seed: int = 0,
-                            teacher_path: str | None = None, teacher_metrics: dict | None = None,
-                            grid_path: str | None = None) -> dict:
+def evaluate_digits_student(
+    student_dir: str,
+    guidance: float,
+    n_per_digit: int = 10,
+    seed: int = 0,
+    teacher_path: str | None = None,
+    teacher_metrics: dict | None = None,
+    grid_path: str | None = None,
+) -> dict:
     """Metrics of a saved student next to the teacher (DDIM, 25 steps, ``guidance``) on the same seeded noise.
 
     Returns ``{"student": {...}, "teacher": {...}}`` (each as :func:`evaluate_pipeline` without the images).
@@ -138,14 +145,49 @@ def evaluate_digits_student(student_dir: str, guidance: float, n_per_digit: int 
     from diffusers_distill.evaluation import evaluate_pipeline
 
     if teacher_metrics is None:
-        teacher_metrics = evaluate_pipeline(teacher_path or digits_teacher_path("sd15"), scheduler=TEACHER_SCHEDULER,
-                                            steps=TEACHER_STEPS, guidance=guidance, n_per_digit=n_per_digit, seed=seed)
+        teacher_metrics = evaluate_pipeline(
+            teacher_path or digits_teacher_path("sd15"),
+            scheduler=TEACHER_SCHEDULER,
+            steps=TEACHER_STEPS,
+            guidance=guidance,
+            n_per_digit=n_per_digit,
+            seed=seed,
+        )
     pipe = load_digits_student(student_dir, teacher_path)
     steps = pipe.student_config.num_inference_steps
     # scheduler=None keeps the student's LCMScheduler on its training timesteps; CFG is baked in (guidance 0)
-    student = evaluate_pipeline(pipe, scheduler=None, steps=steps, guidance=0.0, n_per_digit=n_per_digit, seed=seed,
-                                reference=teacher_metrics["images"], grid_path=grid_path)
+    student = evaluate_pipeline(
+        pipe,
+        scheduler=None,
+        steps=steps,
+        guidance=0.0,
+        n_per_digit=n_per_digit,
+        seed=seed,
+        reference=teacher_metrics["images"],
+        grid_path=grid_path,
+    )
     return {"student": _public(student), "teacher": _public(teacher_metrics)}
+
+
+def _write_training_data(output_dir: str, with_images: bool) -> tuple[str, str | None]:
+    """The prompt file (and, for the GAN, the train-split images) under ``<output_dir>/data``."""
+    data_dir = os.path.join(output_dir, "data")
+    os.makedirs(data_dir, exist_ok=True)
+    prompt_file = write_digit_prompts(os.path.join(data_dir, "prompts.txt"))
+    return prompt_file, write_digit_images(os.path.join(data_dir, "images")) if with_images else None
+
+
+def _training_summary(result: dict, options: dict, train_seconds: float) -> dict:
+    last = result["losses"][-1] if result["losses"] else {}
+    dm_losses = [r["loss_dm"] for r in result["losses"] if "loss_dm" in r]
+    return {
+        "num_student_steps": options["num_inference_steps"],
+        "student_type": options["student_type"],
+        "global_step": result["global_step"],
+        "train_seconds": round(train_seconds, 1),
+        "final_losses": {"loss_fake": last.get("loss_fake"), "loss_dm": dm_losses[-1] if dm_losses else None},
+        "config": {k: v for k, v in options.items() if k not in ("pretrained_teacher_model", "output_dir")},
+    }
 
 
 def distill_digits_teacher(
@@ -172,20 +214,12 @@ def distill_digits_teacher(
 ) -> dict:
     """Distil the bundled digits teacher into a ``num_student_steps``-step DMD2 student and evaluate it.
 
-    Args:
-        output_dir: where the student (``train_dmd2``'s export), ``metrics.json`` and ``samples.png`` go.
-        num_student_steps: 1 (DMD2 one-step, t=999) or 4 (backward simulation on [999, 749, 499, 249]).
-        max_train_steps: DMD2 iterations (fake-score updates); the generator is updated every
-            ``dfake_gen_update_ratio`` of them (TTUR, DMD2 Sec. 4.2).
-        student_type: ``"full"`` (the tiny UNet trains fastest in full) or ``"lora"``.
-        real_guidance_scale: CFG scale of the real score; the student is compared with the teacher at this guidance.
-        gan_loss_weight: > 0 adds the GAN losses (generator and discriminator, same weight) with the real train-split
-            digits as real images (DMD2 Sec. 4.3).
-        config_overrides: any other :class:`DMD2Config` field.
-
-    Returns:
-        ``{"student": {...}, "teacher": {...}, "train_seconds", "global_step", "final_losses", "config", ...}``,
-        also written to ``<output_dir>/metrics.json``.
+    ``output_dir`` receives the student, ``metrics.json`` and ``samples.png``; ``num_student_steps`` is 1, 2 or 4;
+    ``max_train_steps`` counts fake-score updates (the generator's come every ``dfake_gen_update_ratio``);
+    ``gan_loss_weight > 0`` adds both GAN losses with the train-split digits as real images (DMD2 Sec. 4.3);
+    ``config_overrides`` are any other :class:`DMD2Config` fields. The student is compared with the teacher at
+    ``real_guidance_scale``. Returns ``{"student", "teacher", "train_seconds", "global_step", "final_losses",
+    "config"}``, also written to ``metrics.json``.
     """
     from diffusers_distill.digits import IMAGE_SIZE, digits_teacher_path
     from diffusers_distill.training.dmd2 import DMD2Config, train_dmd2
@@ -194,11 +228,7 @@ def distill_digits_teacher(
     if gan_loss_weight < 0:
         raise ValueError(f"gan_loss_weight must be >= 0, got {gan_loss_weight!r}")
     teacher_path = teacher_path or digits_teacher_path("sd15")
-    os.makedirs(output_dir, exist_ok=True)
-    data_dir = os.path.join(output_dir, "data")
-    os.makedirs(data_dir, exist_ok=True)
-    prompt_file = write_digit_prompts(os.path.join(data_dir, "prompts.txt"))
-    train_data_dir = write_digit_images(os.path.join(data_dir, "images")) if gan_loss_weight > 0 else None
+    prompt_file, train_data_dir = _write_training_data(output_dir, with_images=gan_loss_weight > 0)
 
     options = dict(
         pretrained_teacher_model=teacher_path,
@@ -221,10 +251,8 @@ def distill_digits_teacher(
         learning_rate=learning_rate,
         fake_score_learning_rate=fake_score_learning_rate,
         lr_warmup_steps=lr_warmup_steps,
-        cache_text_embeddings=True,
         seed=seed,
-        checkpointing_steps=10**9,
-        report_to="none",
+        **_FIXED_OPTIONS,
     )
     options.update(config_overrides)
     config = DMD2Config.from_dict(options, "distill_digits_teacher arguments")
@@ -232,19 +260,10 @@ def distill_digits_teacher(
 
     start = time.perf_counter()
     result = train_dmd2(config)
-    train_seconds = time.perf_counter() - start
-    last = result["losses"][-1] if result["losses"] else {}
-    dm_losses = [r["loss_dm"] for r in result["losses"] if "loss_dm" in r]
-    summary = {
-        "num_student_steps": num_student_steps,
-        "student_type": student_type,
-        "global_step": result["global_step"],
-        "train_seconds": round(train_seconds, 1),
-        "final_losses": {"loss_fake": last.get("loss_fake"), "loss_dm": dm_losses[-1] if dm_losses else None},
-        "config": {k: v for k, v in options.items() if k not in ("pretrained_teacher_model", "output_dir")},
-    }
+    summary = _training_summary(result, options, time.perf_counter() - start)
     if evaluate:
-        summary.update(evaluate_digits_student(output_dir, real_guidance_scale, n_per_digit, seed, teacher_path,
-                                               grid_path=os.path.join(output_dir, "samples.png")))
+        grid = os.path.join(output_dir, "samples.png")
+        args = (real_guidance_scale, n_per_digit, seed, teacher_path)
+        summary.update(evaluate_digits_student(output_dir, *args, grid_path=grid))
     atomic_write_json(os.path.join(output_dir, "metrics.json"), summary)
     return summary

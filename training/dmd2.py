@@ -279,7 +279,9 @@ def validation_images(parts: DMD2Parts, config: DMD2Config, accelerator) -> torc
     generator = torch.Generator().manual_seed(config.seed)
     noise = randn(shape, generator, parts.device)
     with accelerator.autocast():
-        latents = sample_student(parts.networks, parts.schedule, parts.embed(prompts), parts.timesteps, noise, generator)
+        latents = sample_student(
+            parts.networks, parts.schedule, parts.embed(prompts), parts.timesteps, noise, generator
+        )
     return core.decode_latents(parts.vae, latents)
 
 
@@ -344,7 +346,9 @@ def train_loop(config, accelerator, parts, data, optimizers, schedulers, ema, st
     loss_log = core.LossLog(config.output_dir, start_step, accelerator.is_main_process)
     last_checkpoint, history = find_latest_checkpoint(config.output_dir), []
     steps = range(start_step, total_steps)
-    progress = tqdm(steps, initial=start_step, total=total_steps, desc="DMD2", disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        steps, initial=start_step, total=total_steps, desc="DMD2", disable=not accelerator.is_local_main_process
+    )
     for step in progress:
         logs = train_step(step, parts, config, accelerator, data, optimizers, schedulers, ema)
         record = _record(accelerator, step + 1, logs)

@@ -27,7 +27,9 @@ class DMD2Config(TrainingConfig):
     # ---- student sampling
     num_inference_steps: int = option(1, "Student steps (1: from pure noise; N: DMD2's fixed timesteps).")
     conditioning_timestep: int = option(999, "Timestep of a 1-step student (DMD2: 999; 399 for its SDXL model).")
-    denoising_timesteps: list[int] | None = option(None, "Explicit decreasing student timesteps (overrides the default).")
+    denoising_timesteps: list[int] | None = option(
+        None, "Explicit decreasing student timesteps (overrides the default)."
+    )
     backward_simulation: bool = option(
         True, "N-step: the generator's input is its own sample re-noised (DMD2 Sec. 4.4), else noised real images."
     )
@@ -88,4 +90,6 @@ class DMD2Config(TrainingConfig):
                 "pass --train_data_dir or --dataset_name, or set both weights to 0"
             )
         if self.num_inference_steps > 1 and not self.backward_simulation and not self.has_images:
-            raise ConfigError("--no-backward_simulation (noised real latents as input) needs --train_data_dir or --dataset_name")
+            raise ConfigError(
+                "--no-backward_simulation (noised real latents as input) needs --train_data_dir or --dataset_name"
+            )

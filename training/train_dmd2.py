@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import sys
 
-from diffusers_distill.training.config import ConfigError, parse_config as _parse
+from diffusers_distill.training.config import ConfigError
+from diffusers_distill.training.config import parse_config as _parse
 from diffusers_distill.training.dmd2_config import DMD2Config
 
 DESCRIPTION = (
