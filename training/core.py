@@ -76,7 +76,7 @@ def setup_logging(accelerator=None) -> None:
     main = accelerator is None or accelerator.is_local_main_process
     for library in (diffusers, transformers):
         library.utils.logging.set_verbosity_warning() if main else library.utils.logging.set_verbosity_error()
-    for name in ("transformers", "transformers.image_processing_utils", "transformers.models.auto"):
+    for name in ("transformers", "transformers.utils.import_utils"):
         logging.getLogger(name).addFilter(_DropMessages())
     for pattern in _UNINFORMATIVE:
         warnings.filterwarnings("ignore", message=pattern)

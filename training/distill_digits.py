@@ -254,7 +254,7 @@ def distill_digits_teacher(
         seed=seed,
         **_FIXED_OPTIONS,
     )
-    options.update(config_overrides)
+    options.update({DMD2Config.aliases().get(k, k): v for k, v in config_overrides.items()})
     config = DMD2Config.from_dict(options, "distill_digits_teacher arguments")
     config.validate()  # bad overrides fail before the teacher is loaded
 
