@@ -711,13 +711,16 @@ def test_kill_9_then_resume_equals_uninterrupted(sd15_pipeline_dir, data_dir, ac
     launch(accelerate_configs[0], [*common, "--output_dir", str(reference)])
 
     killed = tmp_path / "killed"
-    command = [sys.executable, SCRIPT, *common, "--output_dir", str(killed)]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_configs[0]]
+    command += ["--num_cpu_threads_per_process", "1", SCRIPT, *common, "--output_dir", str(killed)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 300
     while not (killed / "checkpoint-3").is_dir() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and the training process, without any cleanup
     process.wait()
     assert (killed / "checkpoint-3").is_dir() and not (killed / "pytorch_lora_weights.safetensors").exists()
     launch(accelerate_configs[0], [*common, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
