@@ -727,3 +727,47 @@ def test_kill_9_then_resume_equals_uninterrupted(sd15_pipeline_dir, data_dir, ac
     weights = "pytorch_lora_weights.safetensors"
     assert _file_digest(killed / weights) == _file_digest(reference / weights)
     assert read_losses(killed) == read_losses(reference)
+
+
+@pytest.fixture
+def strict_randomness(monkeypatch):
+    """torch.randn/randint that, like CUDA, refuse a generator on another device than the requested one (on CPU,
+    torch accepts any device, so a CPU-only test would not see the GPU crash)."""
+    real = {name: getattr(torch, name) for name in ("randn", "randint")}
+
+    def strict(name):
+        def draw(*args, generator=None, device=None, **kwargs):
+            if generator is not None and device is not None and torch.device(device).type != generator.device.type:
+                raise RuntimeError(f"Expected a '{torch.device(device).type}' device type for generator")
+            return real[name](*args, generator=generator, device=device, **kwargs)
+
+        return draw
+
+    for name in real:
+        monkeypatch.setattr(torch, name, strict(name))
+
+
+def test_n_step_paths_draw_noise_on_the_generator_device(strict_randomness):
+    """A CPU generator with tensors on another device (``meta`` stands in for CUDA): every N-step path draws on the
+    generator's device and moves the result."""
+    from diffusers_distill.noise_schedule import NoiseSchedule
+    from diffusers_distill.randomness import randint, randn
+    from diffusers_distill.students import build_dmd2_networks, generator_input, sample_student
+    from diffusers_distill.teacher import PromptEmbeddings
+    from diffusers_distill.testing import sd_ddim_scheduler, tiny_unet
+
+    generator = torch.Generator().manual_seed(0)
+    with pytest.raises(RuntimeError, match="device type for generator"):  # the mistake the helper avoids
+        torch.randn((2,), generator=generator, device="meta")
+    meta = torch.device("meta")
+    nets = build_dmd2_networks(tiny_unet(), lora_rank=2, fake_lora_rank=2, lora_target_modules=["to_q"]).to(meta)
+    schedule = NoiseSchedule.from_scheduler_config(sd_ddim_scheduler().config)
+    noise = torch.empty(2, 4, 16, 16, device=meta)
+    cond = PromptEmbeddings(torch.empty(2, 7, 32, device=meta))
+    x_t, t = generator_input(nets, schedule, noise, cond, [999, 749, 499, 249], 3, generator)
+    assert x_t.device == meta and t.device == meta
+    assert sample_student(nets, schedule, cond, [999, 499], noise, generator).device == meta
+    assert randn((3,), generator, meta).device == meta and randint(0, 10, 3, generator, meta).device == meta
+    # the helper draws the same numbers whatever the target device
+    a = randn((5,), torch.Generator().manual_seed(1), "cpu")
+    torch.testing.assert_close(a, torch.randn((5,), generator=torch.Generator().manual_seed(1)))
