@@ -106,12 +106,14 @@ def save_lora_adapter(folder, unet, adapter_name: str, pipeline_class) -> None:
     as ``pytorch_lora_weights.safetensors`` in diffusers' key format, with its ``LoraConfig`` in the metadata (without
     it a LoRA with ``alpha != rank`` reloads with the wrong scale). ``pipeline_class.save_lora_weights`` picks the
     SD 1.5 / SDXL layout."""
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
+    # peft's own key names (``lora_A``/``lora_B``) for every module, which diffusers' loaders read as they are.
+    # Not ``convert_state_dict_to_diffusers``: it renames only the attention projections (``lora.down``/``lora.up``),
+    # and a file mixing both formats is detected as peft, so ``load_lora_weights`` drops every attention LoRA.
     pipeline_class.save_lora_weights(
         folder,
-        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name)),
+        unet_lora_layers=get_peft_model_state_dict(unet, adapter_name=adapter_name),
         unet_lora_adapter_metadata=lora_adapter_metadata(unet, adapter_name),
         weight_name=LORA_WEIGHT_NAME,
         safe_serialization=True,

@@ -20,6 +20,7 @@ from diffusers_distill.export import (
 )
 
 DMD2_4STEP = [999, 749, 499, 249]
+ONE_STEP = dict(num_inference_steps=1, timesteps=[999])
 
 
 def _config(**overrides):
@@ -109,7 +110,7 @@ def test_lora_student_reloads_exactly_with_alpha(tmp_path, arch):
     with safe_open(str(out / LORA_WEIGHT_NAME), "pt") as f:
         keys = list(f.keys())
         metadata = json.loads(f.metadata()["lora_adapter_metadata"])
-    assert all(k.startswith("unet.") and ".lora." in k for k in keys)
+    assert all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in keys)  # one format
     assert metadata["unet.r"] == 4 and metadata["unet.lora_alpha"] == 16
 
     fresh = testing.tiny_sd15_pipeline() if arch == "sd15" else testing.tiny_sdxl_pipeline()
@@ -206,3 +207,63 @@ def test_full_student_passes_hub_download_check_and_loads_in_fresh_process(tmp_p
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, cwd=tmp_path
     )
     assert out.stdout.strip().splitlines()[-1] == "StableDiffusionPipeline [999, 749, 499, 249] False"
+
+
+FRESH_LOAD = """
+import json, sys
+import numpy as np, torch
+from diffusers import LCMScheduler, {cls}
+from safetensors import safe_open
+
+base, student, out = sys.argv[1:4]
+pipe = {cls}.from_pretrained(base, local_files_only=True)
+pipe.load_lora_weights(student, adapter_name="student")
+with safe_open(student + "/pytorch_lora_weights.safetensors", "pt") as f:
+    in_file = sorted({{k[len("unet."):].rsplit(".lora_", 1)[0] for k in f.keys()}})
+adapted = sorted(n for n, m in pipe.unet.named_modules() if "student" in getattr(m, "lora_A", {{}}))
+config = pipe.unet.peft_config["student"]
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+pipe.set_progress_bar_config(disable=True)
+image = pipe("a photo of a cat", timesteps=[999], guidance_scale=0.0, height=32, width=32, output_type="np",
+             generator=torch.Generator().manual_seed(0)).images
+np.save(out, image)
+print(json.dumps({{"in_file": in_file, "adapted": adapted, "r": config.r, "alpha": config.lora_alpha,
+                  "modules": "diffusers_distill" in sys.modules}}))
+"""
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_default_target_lora_loads_completely_with_plain_diffusers(tmp_path, arch):
+    """DEFAULT --lora_target_modules: in a fresh process with plain diffusers, load_lora_weights adapts every module
+    in the file, rank/alpha survive, and the 1-step image equals the one of the student that wrote the file."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from diffusers_distill.constants import DEFAULT_LORA_TARGET_MODULES
+
+    make = testing.tiny_sd15_pipeline if arch == "sd15" else testing.tiny_sdxl_pipeline
+    base = tmp_path / "base"
+    make().save_pretrained(base)
+    pipe = make()
+    pipe.set_progress_bar_config(disable=True)
+    testing.add_random_lora(pipe.unet, rank=4, alpha=16, target_modules=DEFAULT_LORA_TARGET_MODULES, scale=0.05)
+    adapted_here = sorted(n for n, m in pipe.unet.named_modules() if "generator" in getattr(m, "lora_A", {}))
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    kwargs = dict(timesteps=[999], guidance_scale=0.0, height=32, width=32, output_type="np")
+    expected = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    save_lora_student(tmp_path / "student", pipe.unet, "generator", type(pipe), _config(arch=arch, **ONE_STEP))
+
+    cls = "StableDiffusionPipeline" if arch == "sd15" else "StableDiffusionXLPipeline"
+    code = FRESH_LOAD.format(cls=cls)
+    argv = [sys.executable, "-c", code, str(base), str(tmp_path / "student"), str(tmp_path / "image.npy")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not report["modules"]  # plain diffusers, not this package
+    assert len(adapted_here) > 60 and report["in_file"] == adapted_here and report["adapted"] == adapted_here
+    assert (report["r"], report["alpha"]) == (4, 16)
+    loaded = np.load(tmp_path / "image.npy")
+    torch.testing.assert_close(torch.from_numpy(loaded), torch.from_numpy(expected), atol=1e-5, rtol=0)
