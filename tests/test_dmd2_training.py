@@ -171,6 +171,27 @@ def test_datasets_source_is_lazy(data_dir, tmp_path):
         load_data(64, dataset_name=str(clean), caption_column="caption")
 
 
+def test_parallel_image_decoding_draws_the_same_batches(data_dir):
+    serial, parallel = load_data(64, train_data_dir=data_dir), load_data(64, train_data_dir=data_dir, num_workers=3)
+    for step in range(4):
+        a = serial.sample_images(3, torch.Generator().manual_seed(step))
+        b = parallel.sample_images(3, torch.Generator().manual_seed(step))
+        assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert serial.num_skipped_images == parallel.num_skipped_images
+
+
+def test_step_count_and_learning_rate_scaling():
+    from diffusers_distill.training import core
+
+    config = DMD2Config(max_train_steps=None, num_train_epochs=3, train_batch_size=4, gradient_accumulation_steps=2)
+    assert core.num_training_steps(config, num_prompts=17, num_processes=2) == 3 * 2  # ceil(17 / 16) per epoch
+    config.max_train_steps = 5
+    assert core.num_training_steps(config, num_prompts=17, num_processes=2) == 5
+    assert core.scaled_learning_rate(config, 1e-4, num_processes=2) == 1e-4
+    config.scale_lr = True
+    assert core.scaled_learning_rate(config, 1e-4, num_processes=2) == pytest.approx(1e-4 * 2 * 4 * 2)
+
+
 def test_latest_checkpoint_ignores_partial(tmp_path):
     for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "checkpoint-x"):
         (tmp_path / name).mkdir()
