@@ -29,6 +29,7 @@ __all__ = [
     "NonFiniteLossError",
     "PromptCache",
     "apply_gradients",
+    "cast_if_needed",
     "check_finite",
     "decode_latents",
     "ema_weights",
@@ -109,8 +110,9 @@ def weight_dtype(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def _cast(module, dtype) -> None:
-    # only when needed: diffusers warns about "modules kept in float32: []" on every dtype cast
+def cast_if_needed(module, dtype) -> None:
+    """``module.to(dtype)`` only when its dtype differs (diffusers warns about "modules kept in float32: []" on
+    every dtype cast)."""
     if module.dtype != dtype:
         module.to(dtype=dtype)
 
@@ -131,9 +133,9 @@ def load_teacher_pipeline(config: TrainingConfig, device, dtype):
         encoder = getattr(pipe, name, None)
         if encoder is not None:
             encoder.requires_grad_(False)
-            _cast(encoder, dtype)
+            cast_if_needed(encoder, dtype)
     pipe.vae.requires_grad_(False)
-    _cast(pipe.vae, torch.float32)
+    cast_if_needed(pipe.vae, torch.float32)
     if config.enable_xformers_memory_efficient_attention:
         pipe.unet.enable_xformers_memory_efficient_attention()
     return pipe

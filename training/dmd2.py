@@ -189,7 +189,7 @@ def build_parts(config: DMD2Config, accelerator, pipe, resolution: int) -> DMD2P
         config.lora_target_modules or DEFAULT_LORA_TARGET_MODULES,
         gan_feature_size=feature_size if config.uses_gan else None,
     )
-    core._cast(networks.base_unet, core.weight_dtype(accelerator))  # frozen weights in the compute dtype ...
+    core.cast_if_needed(networks.base_unet, core.weight_dtype(accelerator))  # frozen weights in the compute dtype ...
     cast_training_params(networks.base_unet, dtype=torch.float32)  # ... trainable adapters in fp32
     networks.to(accelerator.device)
     if config.gradient_checkpointing:
