@@ -206,31 +206,16 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tok_dir:
         tokenizer, text_encoder, text_encoder_2 = build_text_encoders(tok_dir, args.seed)
     prompts = [digit_prompt(i) for i in range(10)]
-    common_report = {
-        "seed": args.seed,
-        "vae_steps": args.vae_steps,
-        "vae_seconds": round(vae_time, 1),
-        "vae_loss": vae_log,
-        "vae_scaling_factor": vae.config.scaling_factor,
-        "unet_steps": args.max_train_steps,
-        "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate,
-        "prompt_dropout": PROMPT_DROPOUT,
-        "torch_threads": torch.get_num_threads(),
-        "train_images": len(labels),
-    }
+    common_report = {"seed": args.seed, "vae_steps": args.vae_steps, "vae_seconds": round(vae_time, 1),
+                     "vae_loss": vae_log, "vae_scaling_factor": vae.config.scaling_factor,
+                     "unet_steps": args.max_train_steps, "batch_size": args.batch_size,
+                     "learning_rate": args.learning_rate, "prompt_dropout": PROMPT_DROPOUT,
+                     "torch_threads": torch.get_num_threads(), "train_images": len(labels)}
 
     if args.arch in ("sd15", "both"):
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=build_unet(False),
-            scheduler=_stock_scheduler(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                       unet=build_unet(False), scheduler=_stock_scheduler(), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
         with torch.no_grad():
             embeds, _ = pipe.encode_prompt(prompts + [""], "cpu", 1, False)
         table, empty = embeds[:10], embeds[10]
@@ -244,36 +229,19 @@ def main(argv=None):
         pipe.unet = build_unet(False)
         t1 = time.time()
         log: list = []
-        train_unet(
-            pipe.unet,
-            latents,
-            labels,
-            cond_sd15,
-            args.max_train_steps,
-            args.batch_size,
-            args.learning_rate,
-            args.seed + 1,
-            log,
-            "sd15",
-        )
+        train_unet(pipe.unet, latents, labels, cond_sd15, args.max_train_steps, args.batch_size,
+                   args.learning_rate, args.seed + 1, log, "sd15")
         report = dict(common_report, arch="sd15", unet_seconds=round(time.time() - t1, 1), unet_loss=log)
         _save_atomically(pipe, os.path.join(args.output_dir, "digits-sd15"), report)
         print(f"sd15 done in {report['unet_seconds']}s", flush=True)
 
     if args.arch in ("sdxl", "both"):
-        pipe = StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer,
-            unet=build_unet(True),
-            scheduler=_stock_scheduler(),
-        )
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=build_unet(True),
+                                         scheduler=_stock_scheduler())
         with torch.no_grad():
-            embeds, _, pooled, _ = pipe.encode_prompt(
-                prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
-            )
+            embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False)
         # SDXL's force_zeros_for_empty_prompt: the unconditional branch is all-zero embeddings at sampling
         time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
 
@@ -281,27 +249,15 @@ def main(argv=None):
             e, p = embeds[y].clone(), pooled[y].clone()
             e[drop] = 0
             p[drop] = 0
-            return {
-                "encoder_hidden_states": e,
-                "added_cond_kwargs": {"text_embeds": p, "time_ids": time_ids.expand(len(y), -1)},
-            }
+            return {"encoder_hidden_states": e,
+                    "added_cond_kwargs": {"text_embeds": p, "time_ids": time_ids.expand(len(y), -1)}}
 
         torch.manual_seed(args.seed)
         pipe.unet = build_unet(True)
         t1 = time.time()
         log = []
-        train_unet(
-            pipe.unet,
-            latents,
-            labels,
-            cond_sdxl,
-            args.max_train_steps,
-            args.batch_size,
-            args.learning_rate,
-            args.seed + 2,
-            log,
-            "sdxl",
-        )
+        train_unet(pipe.unet, latents, labels, cond_sdxl, args.max_train_steps, args.batch_size,
+                   args.learning_rate, args.seed + 2, log, "sdxl")
         report = dict(common_report, arch="sdxl", unet_seconds=round(time.time() - t1, 1), unet_loss=log)
         _save_atomically(pipe, os.path.join(args.output_dir, "digits-sdxl"), report)
         print(f"sdxl done in {report['unet_seconds']}s", flush=True)
