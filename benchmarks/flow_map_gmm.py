@@ -132,7 +132,7 @@ def train(loss_name: str, mixture: GaussianMixture, seed: int, iterations: int, 
             loss = mean_flow_loss(model, teacher, x_s, s, t)
         else:
             loss = progressive_flow_map_loss(model, target, teacher, x_s, s, t)
-        if not math.isfinite(float(loss)) or float(loss) > 1e4:
+        if not math.isfinite(loss.item()) or loss.item() > 1e4:
             diverged = True
             break
         optimizer.zero_grad(set_to_none=True)
@@ -235,22 +235,22 @@ def main(argv=None) -> int:
 
     results = {"teacher Euler (exact v)": {str(k): {"ed": [v["ed"]], "rmse": [v["rmse"]]}
                                            for k, v in evaluate(teacher_euler).items()}}  # fmt: skip
-    timings, divergences = {}, {}
+    timings = {name: [] for name in args.losses}
+    divergences = {name: 0 for name in args.losses}
     for name in args.losses:
-        rows = {str(k): {"ed": [], "rmse": []} for k in STEPS}
-        timings[name], divergences[name] = [], 0
-        for seed in args.seeds:
+        results[name] = {str(k): {"ed": [], "rmse": []} for k in STEPS}
+    for seed in args.seeds:  # seed-major, so an interrupted run still has every loss for its first seeds
+        for name in args.losses:
             model, seconds, diverged = train(name, mixture, seed, args.iterations, args.batch_size)
             metrics = evaluate(lambda k: flow_map_sample(model, noise.float(), k))
             for k in STEPS:
-                rows[str(k)]["ed"].append(metrics[str(k)]["ed"])
-                rows[str(k)]["rmse"].append(metrics[str(k)]["rmse"])
+                results[name][str(k)]["ed"].append(metrics[str(k)]["ed"])
+                results[name][str(k)]["rmse"].append(metrics[str(k)]["rmse"])
             timings[name].append(seconds)
             divergences[name] += int(diverged)
             print(f"# {name} seed {seed}: {seconds:.0f} s CPU, diverged={diverged}, "
                   + ", ".join(f"K={k} {metrics[str(k)]['ed']:.4f}/{metrics[str(k)]['rmse']:.3f}" for k in STEPS),
                   file=sys.stderr, flush=True)  # fmt: skip
-        results[name] = rows
 
     floor_mean, floor_std = mean_std(floor)
     print(f"\nExact 2-D GMM (8-mode ring, radius 4, std 0.25); {args.iterations} Adam steps x batch {args.batch_size} "
