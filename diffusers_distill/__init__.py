@@ -45,6 +45,8 @@ _EXPORTS: dict[str, str] = {
     "merge_flow_map_student": ".flow_map",
     "sd_teacher_velocity": ".flow_map",
     "flow_match_teacher_velocity": ".flow_map",
+    "FlowMapStableDiffusionPipeline": ".pipelines",
+    "FlowMapStableDiffusionXLPipeline": ".pipelines",
     "itvm_loss": ".losses",
     "lagrangian_flow_map_loss": ".losses",
     "mean_flow_loss": ".losses",
