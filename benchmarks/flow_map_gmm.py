@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:  # seed-major, so an interrupted run still has every loss for its first seeds
         for name in args.losses:
             model, seconds, diverged = train(name, mixture, seed, args.iterations, args.batch_size)
-            metrics = evaluate(lambda k: flow_map_sample(model, noise.float(), k))
+            metrics = evaluate(lambda k, model=model: flow_map_sample(model, noise.float(), k))
             for k in STEPS:
                 results[name][str(k)]["ed"].append(metrics[str(k)]["ed"])
                 results[name][str(k)]["rmse"].append(metrics[str(k)]["rmse"])

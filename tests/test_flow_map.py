@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
@@ -49,8 +50,7 @@ class ExactVPTeacher:
 
     def __call__(self, sample, timestep, encoder_hidden_states, return_dict=False):
         self.timesteps_seen.append(timestep.clone())
-        kappa = torch.exp(torch.from_numpy(__import__("numpy").interp(
-            timestep.numpy(), range(1000), vp_log_kappa(ALPHAS_CUMPROD).numpy())))  # fmt: skip
+        kappa = torch.exp(torch.from_numpy(np.interp(timestep.numpy(), range(1000), vp_log_kappa(ALPHAS_CUMPROD).numpy())))
         alpha, sigma = torch.rsqrt(1 + kappa**2), kappa * torch.rsqrt(1 + kappa**2)
         outputs = []
         for i, label in enumerate(encoder_hidden_states.tolist()):
@@ -369,8 +369,8 @@ def test_one_training_step_of_every_loss_on_a_tiny_sd_student(sdxl):
         def u(z, s, t, network=model):
             return network(z, s, t, embeds, added)
 
-        def u_ema(z, s, t):
-            return ema(z, s, t, embeds, added)
+        def u_ema(z, s, t, network=ema):
+            return network(z, s, t, embeds, added)
 
         x_s = torch.randn(2, 4, 16, 16, generator=generator)
         s, t = torch.tensor([0.9, 0.5]), torch.tensor([0.2, 0.5])
