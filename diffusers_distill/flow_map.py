@@ -49,6 +49,7 @@ __all__ = [
     "forward_ad_attention",
     "jump_embedding",
     "merge_flow_map_student",
+    "save_flow_map_lora_student",
     "rf_sigma_to_vp_timestep",
     "sd_teacher_velocity",
     "velocity_from_vp_output",
@@ -341,3 +342,68 @@ class FlowMapUNet(nn.Module):
         u = self(z, s, t, encoder_hidden_states, added_cond_kwargs)
         t, s = torch.as_tensor(t, device=z.device), torch.as_tensor(s, device=z.device)
         return z.to(u.dtype) + _per_sample((t - s).reshape(-1).expand(z.shape[0]), u) * u
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Saving a LoRA student so that it loads into the teacher's pipeline
+# ------------------------------------------------------------------------------------------------------------------
+
+FLOW_MAP_CONFIG_NAME = "flow_map_config.json"
+FLOW_MAP_PATHWAY_NAME = "flow_map_pathway.safetensors"
+
+
+def save_flow_map_lora_student(output_dir, student, pipeline_class, default_num_inference_steps: int = 4,
+                               **scheduler_config) -> str:  # fmt: skip
+    """Save a LoRA flow-map student for ``FlowMap*Pipeline.from_pretrained(teacher, student=output_dir)``.
+
+    Three files, each written to a temporary name and moved into place (no half-written folder):
+
+    * ``pytorch_lora_weights.safetensors``: the adapter (``pipeline_class.save_lora_weights``, peft key names) with
+      its peft ``LoraConfig`` in the metadata, so ``load_lora_weights`` restores rank and alpha;
+    * ``flow_map_pathway.safetensors``: the new ``time_embedding.cond_proj`` weight (the teacher has no such layer);
+    * ``flow_map_config.json``: ``time_cond_proj_dim``, the default step count and the scheduler settings
+      (``sigma_spacing``, ``shift``, ``gamma``, ... passed as ``scheduler_config``).
+    """
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from .export import LORA_WEIGHT_NAME, lora_adapter_metadata
+
+    adapters = sorted(getattr(student, "peft_config", {}) or {})
+    if len(adapters) != 1:
+        raise ValueError(f"`student` must carry exactly one LoRA adapter (build_flow_map_student(..., 'lora')), "
+                         f"got {adapters}")  # fmt: skip
+    if student.config.get("time_cond_proj_dim") is None:
+        raise ValueError("`student` needs `time_cond_proj_dim` (build it with build_flow_map_student)")
+    if isinstance(default_num_inference_steps, bool) or not isinstance(default_num_inference_steps, int) \
+            or default_num_inference_steps < 1:  # fmt: skip
+        raise ValueError(f"`default_num_inference_steps` must be an int >= 1, got {default_num_inference_steps!r}")
+    from diffusers_distill.schedulers import TwoTimedFlowMapScheduler
+
+    TwoTimedFlowMapScheduler(**scheduler_config)  # validates the scheduler settings before writing anything
+    output_dir = os.fspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=output_dir, prefix=".tmp-flow-map-")
+    try:
+        # peft key names ("...to_q.lora_A.weight"), as diffusers' current LoRA training scripts store them: with
+        # convert_state_dict_to_diffusers ("...to_q.lora.down.weight") diffusers 0.42 reloads no attention LoRA layers
+        lora_layers = get_peft_model_state_dict(student, adapter_name=adapters[0])
+        pipeline_class.save_lora_weights(staging, unet_lora_layers=lora_layers,
+                                         unet_lora_adapter_metadata=lora_adapter_metadata(student, adapters[0]),
+                                         weight_name=LORA_WEIGHT_NAME, safe_serialization=True)  # fmt: skip
+        weight = student.time_embedding.cond_proj.weight.detach().float().cpu().contiguous()
+        save_file({f"{JUMP_PATHWAY}.weight": weight}, os.path.join(staging, FLOW_MAP_PATHWAY_NAME))
+        config = {"time_cond_proj_dim": int(student.config.time_cond_proj_dim),
+                  "default_num_inference_steps": default_num_inference_steps, "scheduler": scheduler_config}  # fmt: skip
+        with open(os.path.join(staging, FLOW_MAP_CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir

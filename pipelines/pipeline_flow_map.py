@@ -26,7 +26,13 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 
-from diffusers_distill.flow_map import jump_embedding
+from diffusers_distill.flow_map import (
+    FLOW_MAP_CONFIG_NAME,
+    FLOW_MAP_PATHWAY_NAME,
+    JUMP_PATHWAY,
+    build_flow_map_student,
+    jump_embedding,
+)
 from diffusers_distill.schedulers import TwoTimedFlowMapScheduler
 
 __all__ = ["FlowMapStableDiffusionPipeline", "FlowMapStableDiffusionXLPipeline"]
@@ -51,6 +57,56 @@ class FlowMapPipelineMixin:
         components["scheduler"] = TwoTimedFlowMapScheduler.from_config(teacher_pipeline.scheduler.config,
                                                                        **scheduler_kwargs)  # fmt: skip
         return cls(**components, default_num_inference_steps=default_num_inference_steps)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, student=None, student_adapter_name="flow_map",
+                        **kwargs):  # fmt: skip
+        """Load a pipeline. With ``student=`` (a folder or Hub id written by
+        :func:`diffusers_distill.flow_map.save_flow_map_lora_student`), ``pretrained_model_name_or_path`` is the
+        *teacher* (e.g. ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``) and the LoRA student is loaded into it
+        with :meth:`load_flow_map_student`."""
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+        pipe = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if student is not None:
+            pipe.load_flow_map_student(student, adapter_name=student_adapter_name, **hub_kwargs)
+        return pipe
+
+    def load_flow_map_student(self, student, adapter_name: str = "flow_map", **hub_kwargs):
+        """Turn this teacher pipeline into the LoRA flow-map student saved in ``student``: the teacher UNet gains the
+        second-time pathway (its saved weight), the adapter is loaded with ``load_lora_weights`` (as the DMD2 LoRA
+        students are), and the scheduler and default step count come from ``flow_map_config.json``."""
+        import json
+        import os
+
+        from safetensors.torch import load_file
+
+        def fetch(name):
+            if os.path.isdir(os.fspath(student)):
+                path = os.path.join(os.fspath(student), name)
+                if not os.path.isfile(path):
+                    raise ValueError(f"`student` must be a folder written by save_flow_map_lora_student; {path} is "
+                                     "missing")  # fmt: skip
+                return path
+            from huggingface_hub import hf_hub_download
+
+            return hf_hub_download(os.fspath(student), name, **hub_kwargs)
+
+        with open(fetch(FLOW_MAP_CONFIG_NAME), encoding="utf-8") as f:
+            config = json.load(f)
+        pathway = load_file(fetch(FLOW_MAP_PATHWAY_NAME))[f"{JUMP_PATHWAY}.weight"]
+        dimension = int(config["time_cond_proj_dim"])
+        current = self.unet.config.get("time_cond_proj_dim")
+        if current is None:
+            unet = build_flow_map_student(self.unet, "full", jump_embedding_dim=dimension).requires_grad_(False)
+            self.register_modules(unet=unet)
+        elif current != dimension:
+            raise ValueError(f"the pipeline's UNet has time_cond_proj_dim={current}, the student needs {dimension}")
+        with torch.no_grad():
+            self.unet.time_embedding.cond_proj.weight.copy_(pathway)
+        self.load_lora_weights(student, adapter_name=adapter_name, **hub_kwargs)
+        self.scheduler = TwoTimedFlowMapScheduler.from_config(self.scheduler.config, **config["scheduler"])
+        self.register_to_config(default_num_inference_steps=_check_steps(config["default_num_inference_steps"]))
+        return self
 
     @classmethod
     def _component_names(cls):

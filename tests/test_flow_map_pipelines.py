@@ -101,3 +101,43 @@ def test_pipeline_argument_errors():
         pipe()
     with pytest.raises(ValueError, match="gamma"):
         pipe("a photo of a cat", gamma=3.0)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_lora_student_loads_into_the_teacher_pipeline_in_a_fresh_process(arch, tmp_path, request):
+    """save_flow_map_lora_student -> FlowMap*Pipeline.from_pretrained(teacher_folder, student=folder) gives the images
+    of the merged student (the teacher UNet gains the saved pathway, the adapter loads with load_lora_weights)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from diffusers_distill.flow_map import save_flow_map_lora_student
+
+    teacher_dir = request.getfixturevalue(f"{arch}_pipeline_dir")
+    make_teacher, cls = PIPELINES[arch]
+    teacher = cls.from_pretrained(teacher_dir)  # loads the teacher's own components
+    student = build_flow_map_student(teacher.unet, "lora", jump_embedding_dim=8, lora_rank=4, lora_alpha=2)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in student.named_parameters():
+            if "lora_B" in name or "cond_proj" in name:
+                param.normal_(0, 0.3)
+    base = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    save_flow_map_lora_student(tmp_path / "student", student, base, default_num_inference_steps=2,
+                               sigma_spacing="shifted", shift=2.0, gamma=0.2)  # fmt: skip
+    reference = cls.from_teacher(teacher, merge_flow_map_student(student), default_num_inference_steps=2,
+                                 sigma_spacing="shifted", shift=2.0, gamma=0.2)  # fmt: skip
+    reference.set_progress_bar_config(disable=True)
+    images = reference("a photo of a cat", generator=torch.Generator().manual_seed(0), output_type="np",
+                       height=32, width=32).images  # fmt: skip
+    script = textwrap.dedent(f"""
+        import numpy as np, torch
+        import diffusers_distill
+        pipe = diffusers_distill.{cls.__name__}.from_pretrained({teacher_dir!r}, student={str(tmp_path / "student")!r})
+        assert pipe.config.default_num_inference_steps == 2 and pipe.scheduler.config.gamma == 0.2
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), output_type="np",
+                      height=32, width=32).images
+        np.save({str(tmp_path / "images.npy")!r}, images)
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
+    np.testing.assert_allclose(np.load(tmp_path / "images.npy"), images, rtol=0, atol=1e-4)
