@@ -142,7 +142,7 @@ def itvm_loss(average_velocity, target_average_velocity, teacher_velocity, x_s, 
 
     Why not the literal reading (EMA copy of LFMD's target v_t(phi_ema) - (t - s) d/dt u_ema): the lagged
     -(t - s) d/dt operator is unbounded, and an EMA lag turns its rotations into exponential growth; it diverged
-    in every setting tried (docs/flow_maps.md, "ITVM reading"). The quadrature target's linearisation is a Volterra
+    in every setting tried (docs/flow_maps.md, "Which ITVM reading is implemented, and why"). The quadrature target's linearisation is a Volterra
     operator in t (spectral radius 0), so an EMA-lagged copy contracts for any decay.
     """
     if num_nodes not in GAUSS_LEGENDRE_NODES:

@@ -43,11 +43,11 @@ def _check_range(name: str, value, low: float, high: float, low_open: bool = Fal
 
 
 class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
-    """Sampler of a two-timed flow model (TTFM) phi(z, s, t) ([ITVM]; [FM] section 1.1) in rectified-flow time
+    """Sampler of a two-timed flow model (TTFM) phi(z, s, t) ([ITVM]; [FM] Eq. FM1) in rectified-flow time
     sigma (1 = noise, 0 = data), with any number of steps 1..N from one model.
 
     State: the RF latent z = (1 - sigma) x0 + sigma eps. Step i jumps from s = ``sigmas[i]`` to the *jump target*
-    t' = ``jump_targets[i]`` = (1 - gamma) ``sigmas[i+1]`` ([FM] section 3.4; the model must be called with (s, t'),
+    t' = ``jump_targets[i]`` = (1 - gamma) ``sigmas[i+1]`` ([FM] "Scheduler"; the model must be called with (s, t'),
     which :meth:`jump_for_timestep` returns):
 
         z' = z + (t' - s) u,   u = model_output                                  (prediction_type "flow")
