@@ -210,3 +210,22 @@ def test_stock_sd_pipeline_with_teacher_is_ddim():
     assert ddim.timesteps.tolist() == timesteps
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
     assert isinstance(pipe, StableDiffusionPipeline)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "flow"])
+def test_step_keeps_dtype_and_predicts_x0_exactly_on_the_last_step(prediction_type):
+    """Every head lands on the same point for the same underlying jump; the last step's pred_original_sample is the
+    final sample (a jump to sigma = 0), and half precision in gives half precision out."""
+    scheduler = TwoTimedFlowMapScheduler(prediction_type=prediction_type)
+    scheduler.set_timesteps(sigmas=[0.5])
+    z = torch.randn(2, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x0 = torch.randn(2, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    eps = (z - 0.5 * x0) / 0.5  # the eps that makes x0 the jump target of z at sigma = 0.5
+    scale = 1 / (0.5**2 + 0.5**2) ** 0.5  # VP input scale; alpha = sigma_vp = 0.5 * scale
+    outputs = {"epsilon": eps, "flow": eps - x0, "v_prediction": 0.5 * scale * eps - 0.5 * scale * x0}
+    out = scheduler.step(outputs[prediction_type], scheduler.timesteps[0], z)
+    torch.testing.assert_close(out.prev_sample, x0)
+    torch.testing.assert_close(out.pred_original_sample, x0)
+    scheduler.set_timesteps(2)
+    half = scheduler.step(torch.zeros(1, 4, dtype=torch.float16), scheduler.timesteps[0], torch.ones(1, 4).half())
+    assert half.prev_sample.dtype == torch.float16
