@@ -102,7 +102,8 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train(loss_name: str, mixture: GaussianMixture, seed: int, iterations: int, batch_size: int,
-          target_decay: float = 0.99, eval_decay: float = 0.999, lr: float = 1e-3) -> tuple:  # fmt: skip
+          target_decay: float = 0.99, eval_decay: float = 0.999, lr: float = 1e-3,
+          itvm_initial_weight: float = 1.0) -> tuple:  # fmt: skip
     """Train one student; returns (EMA model, seconds, diverged)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(10_000 + seed)
@@ -127,7 +128,7 @@ def train(loss_name: str, mixture: GaussianMixture, seed: int, iterations: int, 
         if loss_name == "lfmd":
             loss = lagrangian_flow_map_loss(model, teacher, x_s, s, t)
         elif loss_name == "itvm":
-            loss = itvm_loss(model, target, teacher, x_s, s, t)
+            loss = itvm_loss(model, target, teacher, x_s, s, t, initial_weight=itvm_initial_weight)
         elif loss_name == "meanflow":
             loss = mean_flow_loss(model, teacher, x_s, s, t)
         else:
@@ -203,6 +204,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
     parser.add_argument("--eval-size", type=int, default=5000)
+    parser.add_argument("--itvm-initial-weight", type=float, default=1.0,
+                        help="weight of ITVM's explicit initial-velocity term (0: only the diagonal pairs)")
     parser.add_argument("--output-dir", default="outputs/benchmarks")
     args = parser.parse_args(argv)
     if args.iterations < 1 or args.batch_size < 2 or args.eval_size < 2:
@@ -241,7 +244,8 @@ def main(argv=None) -> int:
         results[name] = {str(k): {"ed": [], "rmse": []} for k in STEPS}
     for seed in args.seeds:  # seed-major, so an interrupted run still has every loss for its first seeds
         for name in args.losses:
-            model, seconds, diverged = train(name, mixture, seed, args.iterations, args.batch_size)
+            model, seconds, diverged = train(name, mixture, seed, args.iterations, args.batch_size,
+                                             itvm_initial_weight=args.itvm_initial_weight)
             metrics = evaluate(lambda k, model=model: flow_map_sample(model, noise.float(), k))
             for k in STEPS:
                 results[name][str(k)]["ed"].append(metrics[str(k)]["ed"])
