@@ -391,3 +391,17 @@ def test_one_training_step_of_every_loss_on_a_tiny_sd_student(sdxl):
         changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
         assert "time_embedding.cond_proj.weight" in changed, name
         assert changed and all("lora_" in n or "cond_proj" in n for n in changed), name
+
+
+def test_itvm_initial_weight_adds_the_initial_velocity_term():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2, generator=generator, dtype=torch.float64)
+    s, t = torch.full((64,), 0.8, dtype=torch.float64), torch.full((64,), 0.3, dtype=torch.float64)
+
+    def wrong(a, b, c):  # the exact map plus an error 0.3 t^2
+        return _exact_average_velocity(a, b, c, error=0.3)
+
+    plain = itvm_loss(wrong, _exact_average_velocity, _gaussian_velocity, x, s, t)
+    extra = itvm_loss(wrong, _exact_average_velocity, _gaussian_velocity, x, s, t, initial_weight=2.0)
+    initial = ((wrong(x, s, s) - _gaussian_velocity(x, s)) ** 2).mean()
+    torch.testing.assert_close(extra, plain + 2.0 * initial)
