@@ -6,6 +6,7 @@ from .scheduling_flow_match_ghvb import FlowMatchGHVBScheduler
 from .scheduling_flow_match_plms_hb import FlowMatchPLMSHeavyBallScheduler
 from .scheduling_ghvb import GHVBScheduler
 from .scheduling_plms_hb import PLMSHeavyBallScheduler
+from .scheduling_two_timed_flow_map import TwoTimedFlowMapScheduler
 
 __all__ = [
     "DPMSolverHeavyBallScheduler",
@@ -14,4 +15,5 @@ __all__ = [
     "FlowMatchPLMSHeavyBallScheduler",
     "GHVBScheduler",
     "PLMSHeavyBallScheduler",
+    "TwoTimedFlowMapScheduler",
 ]
