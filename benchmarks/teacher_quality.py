@@ -25,6 +25,24 @@ STEPS = (4, 8, 15, 25, 50)
 GUIDANCES = (1.0, 4.0, 7.5)
 
 
+def pivot_markdown(rows, floor: float) -> str:
+    """One table per guidance: schedulers x steps, cells ``prompt accuracy / digits-FD``, with the floor below."""
+    out = []
+    for w in sorted({r["guidance"] for r in rows}):
+        sub = [r for r in rows if r["guidance"] == w]
+        steps = sorted({r["steps"] for r in sub})
+        out.append(f"**guidance {w:g}** (cells: prompt accuracy / digits-FD)\n")
+        out.append("| scheduler | " + " | ".join(f"{n} steps" for n in steps) + " |")
+        out.append("|---|" + "---|" * len(steps))
+        for name in dict.fromkeys(r["scheduler"] for r in sub):
+            cells = {r["steps"]: f"{r['prompt_accuracy']:.2f} / {r['digits_fd']:.0f}" for r in sub
+                     if r["scheduler"] == name}  # fmt: skip
+            out.append(f"| {name} | " + " | ".join(cells.get(n, "-") for n in steps) + " |")
+        out.append("")
+    out.append(f"Real-data floor at {rows[0]['n_images']} images: digits-FD {floor:.1f}.")
+    return "\n".join(out) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", default="sd15", choices=["sd15", "sdxl"])
@@ -57,6 +75,7 @@ def main():
     with open(os.path.join(args.output_dir, "teacher_quality.json"), "w") as f:
         json.dump({"rows": rows, "real_data_fd": floor, "n_images": 10 * args.n_per_digit}, f, indent=1)
     print(metrics_markdown(rows))
+    print(pivot_markdown(rows, floor))
     print(f"real-data floor (digits-FD of {10 * args.n_per_digit} real train digits vs the held-out reference, "
           f"seed {args.seed}): {floor:.2f}")
     import matplotlib

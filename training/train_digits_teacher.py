@@ -4,17 +4,25 @@ Stages (all seeded, CPU, one thread):
 
 1. a tiny ``AutoencoderKL`` (32x32 RGB -> 4x8x8 latents), reconstruction + small KL loss; its
    ``scaling_factor`` is set to 1 / std of the training latents, as SD does;
-2. a frozen, seeded, randomly initialised CLIP text encoder (SD's encoders are frozen during UNet
-   training too) and a CLIP BPE tokenizer built locally from the prompt vocabulary;
+2. seeded, randomly initialised CLIP text encoders and a CLIP BPE tokenizer built locally from the prompt
+   vocabulary. For SD 1.5 the text encoder is first pre-trained to tell the prompts apart (a linear probe on its
+   token states, :func:`pretrain_text_encoder`), standing in for CLIP's pre-training, then frozen as in SD;
 3. a ``UNet2DConditionModel`` with cross-attention trained with the DDPM epsilon-prediction loss
    ``|| eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t, c) ||^2`` (Ho et al. 2020, eq. 14) on SD's
-   ``scaled_linear`` schedule, with 10% prompt dropout so classifier-free guidance (Ho & Salimans 2022) works;
-4. the same for SDXL: two text encoders (penultimate hidden states concatenated, pooled projection) and
+   ``scaled_linear`` schedule, with 10% prompt dropout so classifier-free guidance (Ho & Salimans 2022) works,
+   Min-SNR-5 loss weights (Hang et al. 2023), cosine learning-rate decay and an EMA of the weights (which is shipped);
+4. the same for SDXL: two frozen text encoders (penultimate hidden states concatenated, pooled projection) and
    ``text_time`` added conditions.
+
+The defaults are the recipe of the shipped SD 1.5 teacher (v2). The shipped SDXL teacher (v1) was trained with
+``--arch sdxl --max_train_steps 1500 --lr_schedule linear --ema_decay 0 --snr_gamma 0`` and meets the quality aims
+as it is (docs/digits_teacher.md).
 
 Usage::
 
-    python -m diffusers_distill.training.train_digits_teacher --arch both            # writes the package assets
+    python -m diffusers_distill.training.train_digits_teacher --arch sd15            # writes the package asset
+    python -m diffusers_distill.training.train_digits_teacher --arch sdxl --max_train_steps 1500 \
+        --lr_schedule linear --ema_decay 0 --snr_gamma 0                              # the shipped SDXL teacher
     python -m diffusers_distill.training.train_digits_teacher --arch sd15 --output_dir /tmp/teachers
 """
 
@@ -202,11 +210,12 @@ def train_unet(unet, latents, labels, cond, steps, batch_size, lr, seed, log, ta
         drop = torch.rand(batch_size, generator=g) < PROMPT_DROPOUT
         zt = noise_scheduler.add_noise(z0, noise, t)
         pred = unet(zt, t, **cond(y, drop)).sample
-        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         if snr_gamma > 0:
             snr = compute_snr(noise_scheduler, t)
-            per_sample = per_sample * torch.clamp(snr, max=snr_gamma) / snr
-        loss = per_sample.mean()
+            per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+            loss = (per_sample * torch.clamp(snr, max=snr_gamma) / snr).mean()
+        else:
+            loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -313,8 +322,9 @@ def main(argv=None):
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=sd15_text_encoder, tokenizer=tokenizer,
                                        unet=build_unet(False), scheduler=_stock_scheduler(), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
-        input_ids = tokenizer(prompts + [""], padding="max_length", max_length=tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
+        # a copy: calling a fast tokenizer with padding/truncation leaves that state in the saved tokenizer.json
+        input_ids = copy.deepcopy(tokenizer)(prompts + [""], padding="max_length", max_length=tokenizer.model_max_length,
+                                             truncation=True, return_tensors="pt").input_ids
         te_log: list = []
         min_distance = None
         if args.text_encoder_steps > 0:
@@ -334,7 +344,7 @@ def main(argv=None):
 
         torch.manual_seed(args.seed)
         pipe.unet = build_unet(False)
-        t1 = time.time()
+        t1, c1 = time.time(), time.process_time()
         log: list = []
         train_unet(pipe.unet, latents, labels, cond_sd15, args.max_train_steps, args.batch_size,
                    args.learning_rate, args.seed + 1, log, "sd15", extra_params=extra_params, **recipe)
@@ -342,7 +352,8 @@ def main(argv=None):
         report = dict(common_report, arch="sd15", train_text_encoder=bool(args.train_text_encoder),
                       text_encoder_steps=args.text_encoder_steps, text_encoder_loss=te_log,
                       text_encoder_min_prompt_distance=min_distance,
-                      unet_seconds=round(time.time() - t1, 1), unet_loss=log)
+                      unet_seconds=round(time.time() - t1, 1), unet_cpu_seconds=round(time.process_time() - c1, 1),
+                      unet_loss=log)
         _save_atomically(pipe, os.path.join(args.output_dir, "digits-sd15"), report)
         print(f"sd15 done in {report['unet_seconds']}s", flush=True)
 
@@ -365,11 +376,12 @@ def main(argv=None):
 
         torch.manual_seed(args.seed)
         pipe.unet = build_unet(True)
-        t1 = time.time()
+        t1, c1 = time.time(), time.process_time()
         log = []
         train_unet(pipe.unet, latents, labels, cond_sdxl, args.max_train_steps, args.batch_size,
                    args.learning_rate, args.seed + 2, log, "sdxl", **recipe)
-        report = dict(common_report, arch="sdxl", unet_seconds=round(time.time() - t1, 1), unet_loss=log)
+        report = dict(common_report, arch="sdxl", unet_seconds=round(time.time() - t1, 1),
+                      unet_cpu_seconds=round(time.process_time() - c1, 1), unet_loss=log)
         _save_atomically(pipe, os.path.join(args.output_dir, "digits-sdxl"), report)
         print(f"sdxl done in {report['unet_seconds']}s", flush=True)
 
