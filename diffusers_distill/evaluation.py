@@ -488,7 +488,7 @@ def evaluate_pipeline(pipe_or_path, scheduler: str | None = "auto", steps: int |
             distilled student (:func:`read_student_sampling` finds its config), ``"ddim"`` otherwise.
         steps, guidance: sampling steps and classifier-free guidance scale. ``None``: a student's recorded
             settings, else 25 steps and the bundled teacher's recommended
-            guidance (:data:`diffusers_distill.digits.RECOMMENDED_GUIDANCE`).
+            guidance (:data:`diffusers_distill.digits.RECOMMENDED_GUIDANCE`, SDXL's for SDXL pipelines).
         timesteps: explicit timesteps for the pipeline call; a kept student's recorded timesteps by default.
         reference: optional images ``(N, 3, H, W)`` in ``[-1, 1]`` made from the same seed (e.g. by the teacher);
             adds ``mse`` and ``psnr`` against them.
@@ -507,8 +507,9 @@ def evaluate_pipeline(pipe_or_path, scheduler: str | None = "auto", steps: int |
         raise ValueError(f"scheduler must be 'keep', 'auto' or one of {sorted(SCHEDULERS)}, got {scheduler!r}")
     _check_generation_args(1 if steps is None else steps, 0.0 if guidance is None else guidance, n_per_digit)
     pipe = load_pipeline(pipe_or_path, base_model)
+    arch = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
     student, scheduler, steps, guidance, timesteps = _resolve_sampling(
-        pipe, scheduler, steps, guidance, timesteps, RECOMMENDED_GUIDANCE["sd15"])
+        pipe, scheduler, steps, guidance, timesteps, RECOMMENDED_GUIDANCE[arch])
     _check_generation_args(steps, guidance, n_per_digit)
     pipe.set_progress_bar_config(disable=True)
     if scheduler != "keep":
