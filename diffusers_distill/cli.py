@@ -1,7 +1,8 @@
 """``diffusers-distill`` console entry point.
 
-    diffusers-distill evaluate [--pipeline PATH|sd15|sdxl] [--scheduler ddim] [--steps 25] [--guidance 4]
-                               [--n_per_digit 10] [--seed 0] [--output_dir outputs/eval]
+    diffusers-distill evaluate [--pipeline sd15|sdxl|FOLDER|HUB_ID] [--scheduler auto|keep|ddim|...] [--steps N]
+                               [--guidance W] [--n_per_digit 10] [--seed 0] [--output_dir outputs/eval]
+                               [--prompts FILE [--reference_dir DIR] [--n_per_prompt 1] [--no_clip]]
     diffusers-distill demo [--output_dir outputs/demo] [--stages gaussian_mixture,teacher,distill]
 
 ``evaluate`` writes ``grid.png`` and ``metrics.json``; ``demo`` is the README's main command: a stage list
@@ -24,12 +25,19 @@ DEMO_GUIDANCES = (1.0, 4.0)
 
 
 def _resolve_pipeline(value: str) -> str:
+    """'sd15' / 'sdxl' -> the bundled teacher; a local folder must hold a pipeline or a saved student; anything
+    else must look like a Hub id (loaded, from the cache only when offline, by the evaluation)."""
     from .digits import digits_teacher_path
+    from .evaluation import _looks_like_hub_id
 
     if value in ("sd15", "sdxl"):
         return digits_teacher_path(value)
-    if not os.path.isfile(os.path.join(value, "model_index.json")):
-        raise ValueError(f"--pipeline must be 'sd15', 'sdxl' or a local diffusers pipeline folder; "
+    if os.path.isdir(value):
+        if not any(os.path.isfile(os.path.join(value, n)) for n in ("model_index.json", "student_config.json")):
+            raise ValueError(f"--pipeline folder {value!r} has no model_index.json (nor a student_config.json)")
+        return value
+    if not _looks_like_hub_id(value):
+        raise ValueError(f"--pipeline must be 'sd15', 'sdxl', a local diffusers pipeline folder or a Hub id; "
                          f"{value!r} has no model_index.json")
     return value
 
@@ -53,17 +61,27 @@ def metrics_markdown(rows) -> str:
     for r in rows:
         lines.append(f"| {r['scheduler']} | {r['steps']} | {r['guidance']:g} | {r['prompt_accuracy']:.3f} | "
                      f"{r['digits_fd']:.2f} | {r['seconds']:.2f} |")
+    floors = {(r["n_images"], r["real_data_fd"]) for r in rows if r.get("real_data_fd") is not None}
+    for n, floor in sorted(floors):
+        lines.append(f"\nReal-data floor: digits-FD {floor:.2f} for {n} real digits (what a perfect generator scores).")
     return "\n".join(lines) + "\n"
 
 
 def run_evaluate(args) -> dict:
-    from .evaluation import evaluate_pipeline
+    from .evaluation import evaluate_pipeline, evaluate_prompts, read_prompts
 
     path = _resolve_pipeline(args.pipeline)
-    os.makedirs(args.output_dir, exist_ok=True)
-    metrics = evaluate_pipeline(path, scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
-                                n_per_digit=args.n_per_digit, seed=args.seed,
-                                grid_path=os.path.join(args.output_dir, "grid.png"))
+    scheduler = args.scheduler
+    if args.prompts is not None:
+        metrics = evaluate_prompts(path, read_prompts(args.prompts), reference_dir=args.reference_dir,
+                                   clip=not args.no_clip, scheduler=scheduler, steps=args.steps, guidance=args.guidance,
+                                   n_per_prompt=args.n_per_prompt, seed=args.seed, base_model=args.base_model,
+                                   clip_model=args.clip_model, fid_weights=args.fid_weights,
+                                   grid_path=os.path.join(args.output_dir, "grid.png"))  # fmt: skip
+    else:
+        metrics = evaluate_pipeline(path, scheduler=scheduler, steps=args.steps, guidance=args.guidance,
+                                    n_per_digit=args.n_per_digit, seed=args.seed, base_model=args.base_model,
+                                    grid_path=os.path.join(args.output_dir, "grid.png"))  # fmt: skip
     metrics.pop("images")
     metrics["pipeline"] = path
     _write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
@@ -171,12 +189,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="diffusers-distill", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    ev = sub.add_parser("evaluate", help="prompt accuracy + digits-FD of a pipeline, with a sample grid")
-    ev.add_argument("--pipeline", default="sd15", help="'sd15', 'sdxl' (bundled teachers) or a pipeline folder")
-    ev.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
-    ev.add_argument("--steps", type=int, default=25)
-    ev.add_argument("--guidance", type=float, default=4.0)
+    ev = sub.add_parser("evaluate", help="digits metrics (or FID / CLIP score with --prompts) of a pipeline, "
+                                         "with a sample grid and metrics.json")
+    ev.add_argument("--pipeline", default="sd15",
+                    help="'sd15', 'sdxl' (bundled teachers), a pipeline or saved-student folder, or a Hub id")
+    ev.add_argument("--scheduler", default="auto", choices=["auto", "keep", *sorted(SCHEDULERS)],
+                    help="'keep': the pipeline's own scheduler (and a student's timesteps); 'auto' (default): keep "
+                         "for distilled students, ddim (trailing spacing) otherwise")
+    ev.add_argument("--steps", type=int, default=None, help="default: the student's steps, else 25")
+    ev.add_argument("--guidance", type=float, default=None,
+                    help="default: the student's guidance, else the bundled teacher's recommended one (digits) or "
+                         "7.5 (--prompts)")
     ev.add_argument("--n_per_digit", type=int, default=10)
+    ev.add_argument("--base_model", default=None, help="base pipeline of a LoRA student (default: its config's)")
+    ev.add_argument("--prompts", default=None, help="text file, one prompt per line: FID / CLIP score mode")
+    ev.add_argument("--reference_dir", default=None, help="folder of real images for FID (with --prompts)")
+    ev.add_argument("--n_per_prompt", type=int, default=1)
+    ev.add_argument("--no_clip", action="store_true", help="skip the CLIP score (with --prompts)")
+    ev.add_argument("--clip_model", default="openai/clip-vit-large-patch14",
+                    help="CLIP model (Hub id in the local cache, or folder) for the CLIP score")
+    ev.add_argument("--fid_weights", default=None, help="local path of torch-fidelity's Inception weights for FID")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--output_dir", default="outputs/eval")
     demo = sub.add_parser("demo", help="the README's main command")
@@ -190,15 +222,19 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    from .evaluation import MetricUnavailableError
+
     args = build_parser().parse_args(argv)
     try:
         if args.command == "evaluate":
-            if args.steps <= 0:
+            if args.steps is not None and args.steps <= 0:
                 raise ValueError(f"--steps must be a positive integer, got {args.steps}")
-            if args.guidance < 0:
+            if args.guidance is not None and args.guidance < 0:
                 raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
-            if args.n_per_digit <= 0:
-                raise ValueError(f"--n_per_digit must be a positive integer, got {args.n_per_digit}")
+            if args.n_per_digit <= 0 or args.n_per_prompt <= 0:
+                raise ValueError("--n_per_digit and --n_per_prompt must be positive integers")
+            if args.reference_dir is not None and args.prompts is None:
+                raise ValueError("--reference_dir needs --prompts (FID mode); the digits mode has its own reference")
             _resolve_pipeline(args.pipeline)
             run_evaluate(args)
         else:
@@ -206,6 +242,9 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"diffusers-distill: error: {error}", file=sys.stderr)
         return 2
+    except MetricUnavailableError as error:
+        print(f"diffusers-distill: unavailable: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -6,11 +6,24 @@ Metrics for generated images given the digit each prompt asked for:
 * **digits-FD** - the Frechet distance (Heusel et al. 2017, eq. 6: ``|mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2})``)
   between Gaussians fitted to the classifier's penultimate features of generated and held-out real digits,
   i.e. FID with a digits classifier in place of Inception;
-* **MSE / PSNR** between teacher and student images made from the same noise (agreement).
+* **MSE / PSNR** between teacher and student images made from the same noise (agreement);
+* the **real-data floor** (:func:`real_data_fd`): the digits-FD that real digits, not in the reference set, score at
+  the same sample count - what a perfect generator would reach.
+
+For real models (any diffusers text-to-image pipeline, :func:`evaluate_prompts`): **FID** (Inception-v3 pool
+features, torch-fidelity's port of the TF-FID network) against a folder of real images, and **CLIP score**
+(``100 * max(cos(E_image, E_text), 0)``, Hessel et al. 2021 with w = 100, as torchmetrics). Both need weights that
+are downloaded once; without them (offline, not cached) :class:`MetricUnavailableError` says what is missing.
+The feature networks can be injected, which is how the tests run offline.
+
+Distilled students are evaluated the way they must be sampled: :func:`read_student_sampling` reads the sampling
+settings a student folder records (DMD2's ``student_config.json``; :data:`STUDENT_CONFIG_READERS` takes more
+formats), and ``scheduler="keep"`` samples with the pipeline's own scheduler on those timesteps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,6 +42,7 @@ __all__ = [
     "load_digit_classifier",
     "prompt_accuracy",
     "digits_fd",
+    "real_data_fd",
     "frechet_distance",
     "image_mse",
     "image_psnr",
@@ -37,6 +51,18 @@ __all__ = [
     "save_image_grid",
     "SCHEDULERS",
     "make_scheduler",
+    "StudentSampling",
+    "STUDENT_CONFIG_READERS",
+    "read_student_sampling",
+    "load_pipeline",
+    "evaluate_prompts",
+    "load_reference_images",
+    "read_prompts",
+    "fid_from_features",
+    "clip_score_from_embeddings",
+    "inception_fid_features",
+    "CLIPEmbedder",
+    "MetricUnavailableError",
 ]
 
 
@@ -175,6 +201,37 @@ def digits_fd(images: torch.Tensor, classifier: DigitClassifier | None = None) -
     return frechet_distance(mu_g, sigma_g, *_REFERENCE_STATS[key])
 
 
+def real_data_fd(n_per_digit: int = 10, seed: int = 0, classifier: DigitClassifier | None = None) -> float:
+    """The real-data floor of :func:`digits_fd` at ``10 * n_per_digit`` images.
+
+    ``n_per_digit`` real digits of each class are drawn (seeded, without replacement) from the ``train`` split -
+    real images that are not in the held-out reference set - and measured exactly as generated images are. FD is
+    biased upwards at small sample counts, so a generator can only be judged against this floor at the same count.
+    """
+    if not isinstance(n_per_digit, int) or n_per_digit < 2:
+        raise ValueError(f"n_per_digit must be an integer >= 2 (FD needs a covariance), got {n_per_digit!r}")
+    classifier = classifier or load_digit_classifier()
+    key = (n_per_digit, seed, id(classifier))
+    if key not in _REAL_DATA_FD:
+        _REAL_DATA_FD[key] = _real_data_fd(n_per_digit, seed, classifier)
+    return _REAL_DATA_FD[key]
+
+
+_REAL_DATA_FD: dict = {}
+
+
+def _real_data_fd(n_per_digit, seed, classifier):
+    images, labels = load_digits_split("train")
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for digit in range(10):
+        candidates = torch.nonzero(labels == digit).flatten()
+        if n_per_digit > len(candidates):
+            raise ValueError(f"n_per_digit must be <= {len(candidates)} (train images of digit {digit}), got {n_per_digit}")
+        picks.append(candidates[torch.randperm(len(candidates), generator=g)[:n_per_digit]])
+    return digits_fd(images[torch.cat(picks)], classifier)
+
+
 def image_mse(images: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean squared error between two image batches in ``[-1, 1]``."""
     if images.shape != reference.shape:
@@ -201,15 +258,23 @@ SCHEDULERS = {
 }
 
 
+TIMESTEP_SPACING = "trailing"
+
+
 def make_scheduler(name: str, base_config, **overrides):
-    """A scheduler from :data:`SCHEDULERS` built with ``from_config`` on a pipeline's scheduler config."""
+    """A scheduler from :data:`SCHEDULERS` built with ``from_config`` on a pipeline's scheduler config.
+
+    Timesteps use ``"trailing"`` spacing unless ``overrides`` say otherwise: the first step starts at t = 999, the
+    pure-noise end that the sampler's initial latents represent (Lin et al. 2024, sec. 3.3). ``"leading"`` starts
+    few-step runs far below it (t = 751 at 4 steps), which handicaps few-step baselines.
+    """
     import importlib
 
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {name!r}")
     module, cls_name, kwargs = SCHEDULERS[name]
     cls = getattr(importlib.import_module(module), cls_name)
-    return cls.from_config(base_config, **{**kwargs, **overrides})
+    return cls.from_config(base_config, **{"timestep_spacing": TIMESTEP_SPACING, **kwargs, **overrides})
 
 
 def _check_generation_args(steps, guidance, n_per_digit):
@@ -221,12 +286,24 @@ def _check_generation_args(steps, guidance, n_per_digit):
         raise ValueError(f"n_per_digit must be a positive integer, got {n_per_digit!r}")
 
 
+def _sample(pipe, prompts, steps, guidance, latents, seed, timesteps=None, **kwargs):
+    """One pipeline call; ``generator`` seeds every random draw inside it (e.g. the noise that multi-step LCM /
+    DDPM-type schedulers re-inject), so the same seed always gives the same images."""
+    call = dict(num_inference_steps=steps, guidance_scale=guidance, latents=latents,
+                generator=torch.Generator().manual_seed(seed), output_type="pt", **kwargs)
+    if timesteps is not None:
+        call["timesteps"] = list(timesteps)
+    with torch.no_grad():
+        return pipe(prompts, **call).images * 2 - 1
+
+
 def generate_digits(pipe, steps: int = 25, guidance: float = 4.0, n_per_digit: int = 4, seed: int = 0,
-                    latents: torch.Tensor | None = None):
+                    latents: torch.Tensor | None = None, timesteps=None):
     """Sample ``n_per_digit`` images of each digit; returns ``(images (N, 3, H, W) in [-1, 1], labels)``.
 
     The initial noise is drawn from one seeded generator, so two pipelines called with the same seed
-    start from the same noise (teacher/student agreement).
+    start from the same noise (teacher/student agreement); the pipeline call gets a generator with the same seed.
+    ``timesteps`` (optional) are passed to the pipeline instead of letting the scheduler space ``steps`` itself.
     """
     _check_generation_args(steps, guidance, n_per_digit)
     labels = torch.arange(10).repeat_interleave(n_per_digit)
@@ -236,10 +313,8 @@ def generate_digits(pipe, steps: int = 25, guidance: float = 4.0, n_per_digit: i
         size = pipe.unet.config.sample_size
         latents = torch.randn(len(labels), channels, size, size, generator=torch.Generator().manual_seed(seed))
     height = width = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    with torch.no_grad():
-        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, latents=latents.clone(),
-                   height=height, width=width, output_type="pt")
-    return out.images * 2 - 1, labels
+    images = _sample(pipe, prompts, steps, guidance, latents.clone(), seed, timesteps, height=height, width=width)
+    return images, labels
 
 
 def save_image_grid(images: torch.Tensor, path: str, nrow: int = 10) -> None:
@@ -263,54 +338,197 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int = 10) -> None:
     os.replace(tmp, path)
 
 
-def _load_pipeline(pipe_or_path):
+@dataclasses.dataclass(frozen=True)
+class StudentSampling:
+    """How a distilled student must be sampled, as its folder records it.
+
+    ``method`` names the distillation method (``"dmd2"``); ``timesteps`` are the generator's fixed timesteps (None:
+    let the pipeline's scheduler choose for ``steps``); ``guidance`` is the CFG scale to sample with (0 for students
+    with guidance baked in); ``config_file`` is the file it was read from.
+    """
+
+    method: str
+    steps: int
+    timesteps: tuple | None
+    guidance: float
+    config_file: str
+
+
+def _read_dmd2_student_config(path: str) -> StudentSampling:
+    from .export import StudentConfig
+
+    config = StudentConfig.load(os.path.dirname(path))
+    return StudentSampling(method=config.method, steps=config.num_inference_steps, timesteps=tuple(config.timesteps),
+                           guidance=float(config.guidance_scale), config_file=path)
+
+
+# file name in a student folder -> reader returning StudentSampling. DMD2 students (diffusers_distill.export) write
+# student_config.json; another student format (e.g. a flow-map student) registers its own file here.
+STUDENT_CONFIG_READERS = {"student_config.json": _read_dmd2_student_config}
+
+
+def _pipeline_folder(pipe_or_path) -> str | None:
+    if isinstance(pipe_or_path, (str, os.PathLike)):
+        path = os.fspath(pipe_or_path)
+    else:
+        path = getattr(getattr(pipe_or_path, "config", None), "_name_or_path", None)
+    return path if path and os.path.isdir(path) else None
+
+
+def read_student_sampling(pipe_or_path) -> StudentSampling | None:
+    """The sampling settings of a distilled student (a folder or a pipeline loaded from one); None for other models.
+
+    Pipelines that carry a ``student_config`` attribute (the DMD2 pipelines, also for a LoRA student on a base
+    model) are read from it; otherwise the folder is searched for a file of :data:`STUDENT_CONFIG_READERS`.
+    """
+    config = getattr(pipe_or_path, "student_config", None)
+    if config is not None:
+        return StudentSampling(method=config.method, steps=config.num_inference_steps,
+                               timesteps=tuple(config.timesteps), guidance=float(config.guidance_scale),
+                               config_file="student_config.json")
+    folder = _pipeline_folder(pipe_or_path)
+    if folder is None:
+        return None
+    for name, reader in STUDENT_CONFIG_READERS.items():
+        if os.path.isfile(os.path.join(folder, name)):
+            return reader(os.path.join(folder, name))
+    return None
+
+
+class MetricUnavailableError(RuntimeError):
+    """A model or metric's weights are neither local nor cached and cannot be downloaded here."""
+
+
+def load_pipeline(pipe_or_path, base_model: str | None = None):
+    """A pipeline object from a pipeline, a local folder, a saved student folder or a Hub id.
+
+    A LoRA student folder (``student_config.json`` + adapter weights, no ``model_index.json``) is loaded onto
+    ``base_model`` (default: the ``base_model`` its config records) with the DMD2 pipeline. A Hub id is loaded with
+    ``DiffusionPipeline.from_pretrained``; when it is not cached and cannot be downloaded this raises
+    :class:`MetricUnavailableError` with a one-line explanation.
+    """
     if not isinstance(pipe_or_path, (str, os.PathLike)):
         return pipe_or_path
-    path = os.fspath(pipe_or_path)
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise ValueError(f"pipeline path {path!r} is not a diffusers pipeline folder (no model_index.json)")
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    path = os.fspath(pipe_or_path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "model_index.json")):
+            return DiffusionPipeline.from_pretrained(path, local_files_only=True)
+        if os.path.isfile(os.path.join(path, "student_config.json")):
+            from .export import StudentConfig
+
+            config = StudentConfig.load(path)
+            base = base_model or config.base_model
+            if base is None:
+                raise ValueError(f"the LoRA student in {path!r} records no base_model; pass base_model")
+            from diffusers_distill.pipelines.pipeline_dmd2 import (
+                DMD2StableDiffusionPipeline,
+                DMD2StableDiffusionXLPipeline,
+            )
+
+            cls = DMD2StableDiffusionXLPipeline if config.arch == "sdxl" else DMD2StableDiffusionPipeline
+            return _load_lora_student(cls, base, path)
+        raise ValueError(f"pipeline path {path!r} is not a diffusers pipeline folder (no model_index.json)")
+    if not _looks_like_hub_id(path):
+        raise ValueError(f"pipeline path {path!r} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        return DiffusionPipeline.from_pretrained(path)
+    except (OSError, ValueError) as error:  # huggingface_hub's offline / not-found errors are OSErrors
+        raise MetricUnavailableError(
+            f"cannot load pipeline {path!r}: it is not a local folder and is not in the Hugging Face cache, and it "
+            f"could not be downloaded ({type(error).__name__}); download it first, e.g. `hf download {path}`"
+        ) from error
 
 
-def evaluate_pipeline(pipe_or_path, scheduler: str | None = "ddim", steps: int = 25, guidance: float = 4.0,
-                      n_per_digit: int = 10, seed: int = 0, reference=None, grid_path: str | None = None,
-                      scheduler_kwargs: dict | None = None) -> dict:
+def _looks_like_hub_id(value: str) -> bool:
+    import re
+
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", value) is not None
+
+
+def _load_lora_student(cls, base: str, student_dir: str):
+    kwargs = {"local_files_only": True} if os.path.isdir(base) else {}
+    return cls.from_pretrained(base, student=student_dir, **kwargs)
+
+
+def _resolve_sampling(pipe, scheduler, steps, guidance, timesteps, default_guidance):
+    """Scheduler choice and sampling settings: a student's recorded settings fill whatever was not given."""
+    student = read_student_sampling(pipe)
+    if scheduler == "auto":
+        scheduler = "keep" if student is not None else "ddim"
+    if scheduler is None:
+        scheduler = "keep"
+    if scheduler != "keep" and scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be 'keep', 'auto' or one of {sorted(SCHEDULERS)}, got {scheduler!r}")
+    if student is not None:
+        steps = student.steps if steps is None else steps
+        guidance = student.guidance if guidance is None else guidance
+        if scheduler == "keep" and timesteps is None and steps == student.steps:
+            timesteps = student.timesteps
+    steps = 25 if steps is None else steps
+    guidance = default_guidance if guidance is None else guidance
+    if timesteps is not None:
+        timesteps = [int(t) for t in timesteps]
+        if len(timesteps) != steps:
+            raise ValueError(f"timesteps must have steps={steps} entries, got {timesteps}")
+    return student, scheduler, steps, guidance, timesteps
+
+
+def evaluate_pipeline(pipe_or_path, scheduler: str | None = "auto", steps: int | None = None,
+                      guidance: float | None = None, n_per_digit: int = 10, seed: int = 0, reference=None,
+                      grid_path: str | None = None, scheduler_kwargs: dict | None = None, timesteps=None,
+                      base_model: str | None = None) -> dict:
     """Generate ``n_per_digit`` images per digit and measure them.
 
     Args:
-        pipe_or_path: a Stable Diffusion (1.5/XL) pipeline or a local pipeline folder.
-        scheduler: a key of :data:`SCHEDULERS` (built from the pipeline's scheduler config) or ``None`` to keep it.
-        steps, guidance: sampling steps and classifier-free guidance scale.
+        pipe_or_path: a Stable Diffusion (1.5/XL) pipeline, a local pipeline folder or a saved student folder.
+        scheduler: a key of :data:`SCHEDULERS` (built from the pipeline's scheduler config, trailing spacing),
+            ``"keep"`` (or ``None``) to sample with the pipeline's own scheduler, or ``"auto"``: ``"keep"`` for a
+            distilled student (:func:`read_student_sampling` finds its config), ``"ddim"`` otherwise.
+        steps, guidance: sampling steps and classifier-free guidance scale. ``None``: a student's recorded
+            settings, else 25 steps and the bundled teacher's recommended
+            guidance (:data:`diffusers_distill.digits.RECOMMENDED_GUIDANCE`, SDXL's for SDXL pipelines).
+        timesteps: explicit timesteps for the pipeline call; a kept student's recorded timesteps by default.
         reference: optional images ``(N, 3, H, W)`` in ``[-1, 1]`` made from the same seed (e.g. by the teacher);
             adds ``mse`` and ``psnr`` against them.
         grid_path: optional PNG path for a sample grid: one column per digit, one row per sample index.
 
     Returns:
-        ``{"prompt_accuracy", "digits_fd", "scheduler", "steps", "guidance", "n_images", "seconds", ...}``;
-        the images are under key ``"images"`` (a tensor, dropped before JSON writing).
+        ``{"prompt_accuracy", "digits_fd", "real_data_fd", "scheduler", "steps", "guidance", "timesteps",
+        "n_images", "seed", "seconds", ...}``; the images are under key ``"images"`` (a tensor, dropped before JSON
+        writing). Identical arguments give identical metrics (all noise is seeded), except ``seconds``.
     """
     import time
 
+    from .digits import RECOMMENDED_GUIDANCE
+
+    if scheduler not in (None, "auto", "keep") and scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be 'keep', 'auto' or one of {sorted(SCHEDULERS)}, got {scheduler!r}")
+    _check_generation_args(1 if steps is None else steps, 0.0 if guidance is None else guidance, n_per_digit)
+    pipe = load_pipeline(pipe_or_path, base_model)
+    arch = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
+    student, scheduler, steps, guidance, timesteps = _resolve_sampling(
+        pipe, scheduler, steps, guidance, timesteps, RECOMMENDED_GUIDANCE[arch])
     _check_generation_args(steps, guidance, n_per_digit)
-    if scheduler is not None and scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)} or None, got {scheduler!r}")
-    pipe = _load_pipeline(pipe_or_path)
     pipe.set_progress_bar_config(disable=True)
-    if scheduler is not None:
+    if scheduler != "keep":
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config, **(scheduler_kwargs or {}))
     start = time.perf_counter()
-    images, labels = generate_digits(pipe, steps, guidance, n_per_digit, seed)
+    images, labels = generate_digits(pipe, steps, guidance, n_per_digit, seed, timesteps=timesteps)
     seconds = time.perf_counter() - start
     metrics = {
-        "scheduler": scheduler or type(pipe.scheduler).__name__,
+        "scheduler": scheduler if scheduler != "keep" else type(pipe.scheduler).__name__,
+        "timestep_spacing": pipe.scheduler.config.get("timestep_spacing") if timesteps is None else "explicit",
         "steps": steps,
+        "timesteps": timesteps,
         "guidance": guidance,
+        "student": None if student is None else student.method,
         "n_images": len(labels),
         "seed": seed,
         "prompt_accuracy": prompt_accuracy(images, labels),
         "digits_fd": digits_fd(images),
+        "real_data_fd": real_data_fd(n_per_digit, seed) if n_per_digit >= 2 else None,
         "seconds": round(seconds, 3),
     }
     if reference is not None:
@@ -320,5 +538,222 @@ def evaluate_pipeline(pipe_or_path, scheduler: str | None = "ddim", steps: int =
         # column = digit, row = sample index
         order = torch.arange(len(labels)).reshape(10, n_per_digit).T.flatten()
         save_image_grid(images[order], grid_path, nrow=10)
+    metrics["images"] = images
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ real models
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CLIP_SCORE_MODEL = "openai/clip-vit-large-patch14"  # torchmetrics CLIPScore's default
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a text file, one per line; blank lines and lines starting with ``#`` are skipped."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--prompts file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"--prompts file {path!r} contains no prompts")
+    return prompts
+
+
+def load_reference_images(folder: str, size: int | None = None) -> list[torch.Tensor]:
+    """Real images of ``folder`` (sorted; png/jpg/jpeg/webp/bmp) as uint8 ``(3, H, W)`` tensors, RGB.
+
+    ``size`` resizes each image (bicubic, PIL) to ``size x size``; None keeps the original size (the FID feature
+    network resizes to its own input size).
+    """
+    from PIL import Image
+
+    if not os.path.isdir(folder):
+        raise ValueError(f"--reference_dir {folder!r} is not a folder")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if len(names) < 2:
+        raise ValueError(f"--reference_dir {folder!r} must contain at least 2 images ({'/'.join(IMAGE_EXTENSIONS)})")
+    images = []
+    for name in names:
+        with Image.open(os.path.join(folder, name)) as image:
+            image = image.convert("RGB")
+            if size is not None:
+                image = image.resize((size, size), Image.BICUBIC)
+            images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+    return images
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in ``[-1, 1]`` -> uint8 in ``[0, 255]`` (round to nearest), as saved to PNG."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def _features_by_size(feature_fn, images) -> torch.Tensor:
+    """``feature_fn`` on a list/batch of uint8 images, batching images of equal size (reference sets vary)."""
+    if isinstance(images, torch.Tensor):
+        images = list(images)
+    out: list = [None] * len(images)
+    groups: dict = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(i)
+    with torch.no_grad():
+        for indices in groups.values():
+            for k in range(0, len(indices), 32):
+                chunk = indices[k : k + 32]
+                features = feature_fn(torch.stack([images[i] for i in chunk])).double().reshape(len(chunk), -1)
+                for i, f in zip(chunk, features):
+                    out[i] = f
+    return torch.stack(out)
+
+
+def fid_from_features(generated: torch.Tensor, real: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets ``(N, D)`` (FID when they are Inception
+    pool3 features)."""
+    if len(generated) < 2 or len(real) < 2:
+        raise ValueError("FID needs at least 2 generated and 2 real images")
+    return frechet_distance(*_feature_stats(generated), *_feature_stats(real))
+
+
+def clip_score_from_embeddings(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> float:
+    """CLIP score ``mean_i 100 * max(cos(E_I_i, E_T_i), 0)`` (Hessel et al. 2021, w = 100, as torchmetrics)."""
+    cos = F.cosine_similarity(image_embeds.double(), text_embeds.double(), dim=-1)
+    return float((100 * cos.clamp(min=0)).mean())
+
+
+def inception_fid_features(weights_path: str | None = None):
+    """Standard FID features: torch-fidelity's Inception-v3 (TF-FID weights), 2048-d pool3, on uint8 images.
+
+    torch-fidelity is the ``eval`` extra. Its weights file comes from torch-fidelity's GitHub release into the
+    torch hub cache; ``weights_path`` points at a local copy instead. Raises :class:`MetricUnavailableError` when
+    the package or the weights are missing and the weights cannot be downloaded.
+    """
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import (
+            URL_INCEPTION_V3,
+            FeatureExtractorInceptionV3,
+        )
+    except ImportError as error:
+        raise MetricUnavailableError("FID needs torch-fidelity: pip install 'diffusers-distill[eval]'") from error
+    if weights_path is None:
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", URL_INCEPTION_V3.rsplit("/", 1)[-1])
+        if not os.path.isfile(cached) and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            raise MetricUnavailableError(f"FID needs the Inception weights {cached!r}, which are not cached and "
+                                         "cannot be downloaded offline; pass their local path (--fid_weights)")
+    elif not os.path.isfile(weights_path):
+        raise MetricUnavailableError(f"FID Inception weights {weights_path!r} do not exist")
+    else:
+        # torch-fidelity unpickles a given file without restriction; accept only a plain tensor state dict
+        torch.load(weights_path, map_location="cpu", weights_only=True)
+    try:
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights_path)
+    except (OSError, RuntimeError) as error:  # urllib errors are OSErrors
+        raise MetricUnavailableError(f"FID Inception weights could not be downloaded ({error}); pass their local "
+                                     "path (--fid_weights)") from error
+    return lambda images: net(images)[0]
+
+
+class CLIPEmbedder:
+    """CLIP image and text embeddings for the CLIP score, from a transformers ``CLIPModel`` (local or cached).
+
+    ``model`` is a Hub id or folder (default ``openai/clip-vit-large-patch14``, torchmetrics' choice). Loading
+    uses only local files; raises :class:`MetricUnavailableError` when they are not there.
+    """
+
+    def __init__(self, model: str = CLIP_SCORE_MODEL):
+        from transformers import CLIPModel, CLIPProcessor
+
+        try:
+            self.model = CLIPModel.from_pretrained(model, local_files_only=True).eval()
+            self.processor = CLIPProcessor.from_pretrained(model, local_files_only=True)
+        except OSError as error:
+            raise MetricUnavailableError(f"CLIP score needs the CLIP model {model!r}, which is not local or cached "
+                                         f"(no network for weights here); download it first or pass --clip_model "
+                                         f"PATH") from error
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]):
+        """uint8 ``(N, 3, H, W)`` images and ``N`` prompts -> ``(image_embeds, text_embeds)``."""
+        with torch.no_grad():
+            inputs = self.processor(text=prompts, images=list(images.permute(0, 2, 3, 1).numpy()),
+                                    return_tensors="pt", padding=True, truncation=True)
+            image_embeds = self.model.get_image_features(pixel_values=inputs["pixel_values"])
+            text_embeds = self.model.get_text_features(input_ids=inputs["input_ids"],
+                                                       attention_mask=inputs["attention_mask"])
+        return image_embeds, text_embeds
+
+
+def evaluate_prompts(pipe_or_path, prompts: list[str], *, reference_dir: str | None = None, clip: bool = True,
+                     scheduler: str | None = "auto", steps: int | None = None, guidance: float | None = None,
+                     n_per_prompt: int = 1, seed: int = 0, batch_size: int = 8, height: int | None = None,
+                     width: int | None = None, grid_path: str | None = None, fid_features=None, clip_embedder=None,
+                     timesteps=None, base_model: str | None = None, clip_model: str = CLIP_SCORE_MODEL,
+                     fid_weights: str | None = None) -> dict:
+    """FID (against ``reference_dir``) and CLIP score of any diffusers text-to-image pipeline on ``prompts``.
+
+    Generates ``n_per_prompt`` images per prompt, in batches of ``batch_size`` prompts, each batch from a generator
+    seeded with ``seed + batch index`` (identical runs give identical images). The metric networks are built
+    *before* any image is generated, so missing weights fail fast with :class:`MetricUnavailableError`.
+
+    Args:
+        fid_features: callable uint8 ``(N, 3, H, W)`` -> ``(N, D)`` features; default :func:`inception_fid_features`.
+        clip_embedder: callable ``(uint8 images, prompts) -> (image_embeds, text_embeds)``; default
+            :class:`CLIPEmbedder` on ``clip_model``. ``clip=False`` skips the CLIP score.
+        fid_weights: local path of the Inception weights for the default FID features.
+        scheduler, steps, guidance, timesteps: as in :func:`evaluate_pipeline` (``None`` guidance: the student's, or
+            the pipeline's default of 7.5 for other models).
+    """
+    import time
+
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of strings")
+    if scheduler not in (None, "auto", "keep") and scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be 'keep', 'auto' or one of {sorted(SCHEDULERS)}, got {scheduler!r}")
+    for name, value in (("n_per_prompt", n_per_prompt), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    _check_generation_args(1 if steps is None else steps, 0.0 if guidance is None else guidance, 1)
+    real = load_reference_images(reference_dir) if reference_dir is not None else None
+    if real is not None and fid_features is None:
+        fid_features = inception_fid_features(fid_weights)
+    if clip and clip_embedder is None:
+        clip_embedder = CLIPEmbedder(clip_model)
+    pipe = load_pipeline(pipe_or_path, base_model)
+    student, scheduler, steps, guidance, timesteps = _resolve_sampling(pipe, scheduler, steps, guidance, timesteps,
+                                                                       7.5)
+    _check_generation_args(steps, guidance, 1)
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler != "keep":
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    all_prompts = [p for p in prompts for _ in range(n_per_prompt)]
+    size_kwargs = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+    start = time.perf_counter()
+    chunks = []
+    for b, i in enumerate(range(0, len(all_prompts), batch_size)):
+        chunks.append(_sample(pipe, all_prompts[i : i + batch_size], steps, guidance, None, seed + b, timesteps,
+                              **size_kwargs).cpu())
+    images = torch.cat(chunks)
+    seconds = time.perf_counter() - start
+    generated = to_uint8(images)
+    metrics = {
+        "scheduler": scheduler if scheduler != "keep" else type(pipe.scheduler).__name__,
+        "steps": steps,
+        "timesteps": timesteps,
+        "guidance": guidance,
+        "student": None if student is None else student.method,
+        "n_prompts": len(prompts),
+        "n_images": len(all_prompts),
+        "seed": seed,
+        "seconds": round(seconds, 3),
+    }
+    if real is not None:
+        metrics["fid"] = fid_from_features(_features_by_size(fid_features, generated),
+                                           _features_by_size(fid_features, real))
+        metrics["n_reference_images"] = len(real)
+    if clip:
+        image_embeds, text_embeds = [], []
+        for i in range(0, len(all_prompts), 32):
+            e_img, e_txt = clip_embedder(generated[i : i + 32], all_prompts[i : i + 32])
+            image_embeds.append(e_img)
+            text_embeds.append(e_txt)
+        metrics["clip_score"] = clip_score_from_embeddings(torch.cat(image_embeds), torch.cat(text_embeds))
+    if grid_path is not None:
+        save_image_grid(images, grid_path, nrow=min(len(all_prompts), 8))
     metrics["images"] = images
     return metrics

@@ -94,3 +94,195 @@ def test_bad_arguments_rejected_before_work(sd15_pipeline):
         evaluation.evaluate_pipeline(sd15_pipeline, scheduler="nope")
     with pytest.raises(ValueError, match="model_index.json"):
         evaluation.evaluate_pipeline("/nonexistent/pipeline")
+
+
+def test_real_data_floor_is_seeded_and_shrinks_with_sample_count(classifier):
+    floor = evaluation.real_data_fd(10, seed=0)
+    assert evaluation.real_data_fd(10, seed=0) == floor
+    assert floor == pytest.approx(53.09, abs=0.05)  # docs/evaluation.md, "Real-data floor"
+    assert evaluation.real_data_fd(30, seed=0) < floor < evaluation.real_data_fd(4, seed=0)
+    noise = torch.rand(100, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert floor < 0.05 * evaluation.digits_fd(noise, classifier)
+    with pytest.raises(ValueError, match="n_per_digit"):
+        evaluation.real_data_fd(1)
+
+
+def test_clip_score_and_fid_closed_forms():
+    e = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    assert evaluation.clip_score_from_embeddings(e, 3 * e) == pytest.approx(100.0)
+    # cos = 0, 0 (clamped from -1) and 1/sqrt(2)
+    t = torch.tensor([[0.0, 1.0], [0.0, -1.0], [1.0, 0.0]])
+    assert evaluation.clip_score_from_embeddings(e, t) == pytest.approx(100 / math.sqrt(2) / 3)
+    a = torch.randn(50, 3, generator=torch.Generator().manual_seed(0))
+    assert evaluation.fid_from_features(a, a) == pytest.approx(0.0, abs=1e-8)
+    assert evaluation.fid_from_features(a + 2.0, a) == pytest.approx(3 * 4.0)
+
+
+class _TinyFeatures(torch.nn.Module):
+    """A small fixed (seeded) conv net standing in for Inception: uint8 (N, 3, H, W) -> (N, 8)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(),
+                                       torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.calls = 0
+
+    def forward(self, images):
+        assert images.dtype == torch.uint8 and images.shape[1] == 3
+        self.calls += 1
+        x = torch.nn.functional.interpolate(images.float() / 127.5 - 1, size=(16, 16), mode="bilinear")
+        return self.net(x)
+
+
+class _TinyCLIP:
+    """Image embedding = mean RGB; text embedding = a fixed vector per prompt (offline CLIP stand-in)."""
+
+    def __call__(self, images, prompts):
+        image_embeds = images.float().mean(dim=(2, 3)) / 255 - 0.5
+        text_embeds = torch.stack([torch.tensor([len(p) % 3 - 1.0, 1.0, (len(p) % 5) / 5]) for p in prompts])
+        return image_embeds, text_embeds
+
+
+def test_evaluate_prompts_fid_and_clip_plumbing(sd15_pipeline_dir, tmp_path):
+    from PIL import Image
+
+    ref = tmp_path / "real"
+    ref.mkdir()
+    g = torch.Generator().manual_seed(1)
+    for i in range(6):  # mixed sizes: the feature network gets equal-size batches
+        size = 24 if i % 2 else 40
+        array = (torch.rand(size, size, 3, generator=g) * 255).byte().numpy()
+        Image.fromarray(array).save(ref / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    prompts = ["a red square", "a blue circle", "a cat"]
+    features, clip = _TinyFeatures(), _TinyCLIP()
+    m = evaluation.evaluate_prompts(sd15_pipeline_dir, prompts, reference_dir=str(ref), steps=2, guidance=3.0,
+                                    n_per_prompt=2, batch_size=4, fid_features=features, clip_embedder=clip,
+                                    grid_path=str(tmp_path / "grid.png"))
+    assert m["n_images"] == 6 and m["n_reference_images"] == 6 and m["steps"] == 2
+    generated = evaluation.to_uint8(m["images"])
+    real = evaluation.load_reference_images(str(ref))
+    with torch.no_grad():
+        gen_f = features(generated)
+        real_f = torch.cat([features(torch.stack(real[0::2])), features(torch.stack(real[1::2]))])
+    real_f = real_f[[0, 3, 1, 4, 2, 5]]  # back to file order
+    assert m["fid"] == pytest.approx(evaluation.fid_from_features(gen_f, real_f), rel=1e-6)
+    assert m["fid"] > 0
+    all_prompts = [p for p in prompts for _ in range(2)]
+    assert m["clip_score"] == pytest.approx(evaluation.clip_score_from_embeddings(*clip(generated, all_prompts)))
+    assert (tmp_path / "grid.png").exists()
+    again = evaluation.evaluate_prompts(sd15_pipeline_dir, prompts, reference_dir=str(ref), steps=2, guidance=3.0,
+                                        n_per_prompt=2, batch_size=4, fid_features=features, clip_embedder=clip)
+    assert torch.equal(again["images"], m["images"]) and again["fid"] == m["fid"]
+
+
+def test_evaluate_prompts_rejects_bad_input_before_work(sd15_pipeline_dir, tmp_path):
+    with pytest.raises(ValueError, match="prompts"):
+        evaluation.evaluate_prompts(sd15_pipeline_dir, [], clip=False)
+    with pytest.raises(ValueError, match="reference_dir"):
+        evaluation.evaluate_prompts(sd15_pipeline_dir, ["a"], reference_dir=str(tmp_path / "none"), clip=False)
+    with pytest.raises(ValueError, match="n_per_prompt"):
+        evaluation.evaluate_prompts(sd15_pipeline_dir, ["a"], n_per_prompt=0, clip=False)
+    with pytest.raises(ValueError, match="prompts"):
+        evaluation.read_prompts(str(tmp_path / "missing.txt"))
+
+
+# ----------------------------------------------------------------------------------------- students in the CLI
+@pytest.fixture(scope="module")
+def dmd2_student_dirs(tmp_path_factory):
+    """Saved full DMD2 students (native StableDiffusionPipeline + LCMScheduler + student_config.json) whose UNet is
+    the bundled teacher's: 1 step at [999] and 2 steps at [999, 499] (not LCMScheduler's default 2-step grid)."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    from diffusers_distill.export import StudentConfig, save_full_student
+
+    teacher = StableDiffusionPipeline.from_pretrained(digits.digits_teacher_path("sd15"), local_files_only=True)
+    dirs = {}
+    for timesteps in ([999], [999, 499]):
+        folder = tmp_path_factory.mktemp(f"dmd2-{len(timesteps)}step")
+        config = StudentConfig(arch="sd15", student_type="full", num_inference_steps=len(timesteps),
+                               timesteps=timesteps, base_model=digits.digits_teacher_path("sd15"))
+        save_full_student(str(folder), teacher, copy.deepcopy(teacher.unet), config)
+        dirs[len(timesteps)] = str(folder)
+    return dirs
+
+
+def _cli_metrics(argv, out):
+    import json
+
+    from diffusers_distill import cli
+
+    assert cli.main(["evaluate", *argv, "--output_dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics.pop("seconds")
+    return metrics
+
+
+def test_cli_on_saved_1step_dmd2_student_matches_python_api(dmd2_student_dirs, tmp_path):
+    from diffusers_distill.training.distill_digits import load_digits_student
+
+    folder = dmd2_student_dirs[1]
+    sampling = evaluation.read_student_sampling(folder)
+    assert (sampling.method, sampling.steps, sampling.timesteps, sampling.guidance) == ("dmd2", 1, (999,), 0.0)
+    cli_metrics = _cli_metrics(["--pipeline", folder, "--n_per_digit", "3"], tmp_path / "cli")
+    # the student's own scheduler, steps, timesteps and guidance, with no flags
+    assert cli_metrics["scheduler"] == "LCMScheduler" and cli_metrics["student"] == "dmd2"
+    assert (cli_metrics["steps"], cli_metrics["timesteps"], cli_metrics["guidance"]) == (1, [999], 0.0)
+    api = evaluation.evaluate_pipeline(load_digits_student(folder), scheduler=None, steps=1, guidance=0.0,
+                                       n_per_digit=3, seed=0)
+    assert cli_metrics["prompt_accuracy"] == api["prompt_accuracy"]
+    assert cli_metrics["digits_fd"] == pytest.approx(api["digits_fd"], rel=1e-9)
+    # an explicit scheduler replaces the student's, still at the student's steps and guidance, on its own spacing
+    ddim = _cli_metrics(["--pipeline", folder, "--scheduler", "ddim", "--n_per_digit", "3"], tmp_path / "ddim")
+    assert (ddim["scheduler"], ddim["steps"], ddim["guidance"], ddim["timesteps"]) == ("ddim", 1, 0.0, None)
+    assert ddim["timestep_spacing"] == "trailing" and ddim["digits_fd"] != cli_metrics["digits_fd"]
+
+
+def test_two_identical_evaluate_runs_give_identical_metrics(dmd2_student_dirs, tmp_path):
+    # a 2-step LCM student re-injects noise between its steps: only a seeded pipeline generator makes runs repeat
+    folder = dmd2_student_dirs[2]
+    argv = ["--pipeline", folder, "--n_per_digit", "2", "--seed", "5"]
+    first = _cli_metrics(argv, tmp_path / "a")
+    assert first["timesteps"] == [999, 499] and first["timestep_spacing"] == "explicit"
+    assert _cli_metrics(argv, tmp_path / "b") == first
+    other_seed = _cli_metrics([*argv[:-1], "6"], tmp_path / "c")
+    assert other_seed["digits_fd"] != first["digits_fd"]
+
+
+def test_teacher_rows_use_trailing_spacing(tmp_path):
+    m = _cli_metrics(["--pipeline", "sd15", "--steps", "4", "--n_per_digit", "2"], tmp_path / "t")
+    assert m["scheduler"] == "ddim" and m["timestep_spacing"] == "trailing" and m["student"] is None
+    assert m["guidance"] == digits.RECOMMENDED_GUIDANCE["sd15"]
+    assert m["real_data_fd"] == pytest.approx(evaluation.real_data_fd(2, seed=0))
+    scheduler = evaluation.make_scheduler("ddim", {"num_train_timesteps": 1000, "steps_offset": 1})
+    scheduler.set_timesteps(4)
+    assert scheduler.timesteps.tolist() == [999, 749, 499, 249]
+
+
+def test_cli_offline_messages_and_nonzero_exit(tmp_path, capsys):
+    from diffusers_distill import cli
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n# comment\n\na photo of a dog\n")
+    assert evaluation.read_prompts(str(prompts)) == ["a photo of a cat", "a photo of a dog"]
+    out = tmp_path / "never"
+    cases = [
+        (["--pipeline", "diffusers-distill-tests/no-such-model", "--prompts", str(prompts), "--no_clip"],
+         "not in the Hugging Face cache"),
+        (["--pipeline", "sd15", "--prompts", str(prompts), "--clip_model", "diffusers-distill-tests/no-such-clip"],
+         "CLIP score needs the CLIP model 'diffusers-distill-tests/no-such-clip'"),
+        (["--pipeline", "sd15", "--prompts", str(prompts), "--no_clip", "--reference_dir", str(tmp_path),
+          "--fid_weights", str(tmp_path / "missing.pth")], "FID"),
+    ]
+    for png in ("a.png", "b.png"):
+        from PIL import Image
+
+        Image.new("RGB", (8, 8)).save(tmp_path / png)
+    for argv, message in cases:
+        assert cli.main(["evaluate", *argv, "--output_dir", str(out)]) == 3
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err  # one line
+        assert not out.exists()  # nothing generated or written
