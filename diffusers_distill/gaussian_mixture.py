@@ -403,9 +403,10 @@ def compare_samplers(
         base_config: the scheduler config used for the model's ``alphas_cumprod`` (SD1.5 schedule by default).
 
     Returns:
-        rows ``{"sampler", "guidance", "steps", "nfe", "rmse", "blowup_fraction"}``. ``rmse`` is the root mean
-        square over samples of the Euclidean endpoint error in xbar = x / alpha coordinates (inf when any endpoint is
-        non-finite); ``blowup_fraction`` is the fraction of endpoints flagged by :func:`blown_up`.
+        rows ``{"sampler", "guidance", "steps", "nfe", "rmse", "median_error", "blowup_fraction"}``. ``rmse`` is the
+        root mean square over samples of the Euclidean endpoint error in xbar = x / alpha coordinates (inf when any
+        endpoint is non-finite); ``median_error`` is the median over samples of that error (robust to a few
+        blown-up samples); ``blowup_fraction`` is the fraction of endpoints flagged by :func:`blown_up`.
     """
     guidance_scales, steps = [float(w) for w in guidance_scales], [int(n) for n in steps]
     if batch_size < 1 or any(n < 1 for n in steps):
@@ -437,16 +438,17 @@ def compare_samplers(
                 blown = blown_up(final, mixture, references[key])
                 finite = torch.isfinite(final).all(dim=1)
                 rmse = float(error.pow(2).mean().sqrt()) if bool(finite.all()) else math.inf
+                median = float(torch.where(finite, error, torch.full_like(error, math.inf)).median())
                 rows.append(dict(sampler=name, guidance=guidance, steps=num_steps, nfe=model.num_evaluations,
-                                 rmse=rmse, blowup_fraction=float(blown.double().mean())))
+                                 rmse=rmse, median_error=median, blowup_fraction=float(blown.double().mean())))
     return rows
 
 
 def plot_error_vs_nfe(
-    rows: Sequence[dict], path: str, title: Optional[str] = None, dashed: Iterable[str] = ()
+    rows: Sequence[dict], path: str, title: Optional[str] = None, dashed: Iterable[str] = (), metric: str = "rmse"
 ) -> str:
-    """Log-log endpoint RMSE vs NFE, one panel per guidance scale; blown-up points are circled, samplers named in
-    ``dashed`` are drawn dashed. The PNG is written atomically."""
+    """Log-log endpoint error (``metric``: "rmse" or "median_error") vs NFE, one panel per guidance scale; blown-up
+    points are circled, samplers named in ``dashed`` are drawn dashed. The PNG is written atomically."""
     import os
     import tempfile
 
@@ -462,8 +464,8 @@ def plot_error_vs_nfe(
     figure, axes = plt.subplots(1, len(guidance_scales), figsize=(5.5 * len(guidance_scales), 4.5), squeeze=False)
     for axis, guidance in zip(axes[0], guidance_scales):
         for name in names:
-            points = sorted((r["nfe"], r["rmse"], r["blowup_fraction"]) for r in rows
-                            if r["sampler"] == name and r["guidance"] == guidance and math.isfinite(r["rmse"]))
+            points = sorted((r["nfe"], r[metric], r["blowup_fraction"]) for r in rows
+                            if r["sampler"] == name and r["guidance"] == guidance and math.isfinite(r[metric]))
             if not points:
                 continue
             nfe, rmse, blown = zip(*points)
@@ -475,7 +477,7 @@ def plot_error_vs_nfe(
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_xlabel("NFE")
-        axis.set_ylabel("endpoint RMSE vs DOP853 reference")
+        axis.set_ylabel(("endpoint RMSE" if metric == "rmse" else "median endpoint error") + " vs DOP853 reference")
         axis.set_title(f"guidance w = {guidance:g}")
         axis.grid(True, which="both", alpha=0.3)
     axes[0][-1].legend(fontsize=6, ncol=2)

@@ -12,7 +12,7 @@ from .slope_methods import PLMSHeavyBallMixin
 class FlowMatchPLMSHeavyBallScheduler(PLMSHeavyBallMixin, FlowMatchMomentumSchedulerBase):
     """PLMS-k + Heavy Ball on the flow-matching ODE dx/dsigma = v (SD3, Flux).
 
-    Config keys are those of diffusers' FlowMatchEulerDiscreteScheduler plus ``solver_order``, ``momentum_beta``
+    Config keys are those of diffusers' FlowMatchEulerDiscreteScheduler plus ``multistep_order`` (1-4; named apart from DPM-Solver's ``solver_order``, whose range is 1-3), ``momentum_beta``
     (damping beta in (0, 1]; smaller = more momentum), ``coefficients`` ('variable' | 'fixed'), so
     ``FlowMatchPLMSHeavyBallScheduler.from_config(pipe.scheduler.config)`` works.
     """
@@ -34,7 +34,7 @@ class FlowMatchPLMSHeavyBallScheduler(PLMSHeavyBallMixin, FlowMatchMomentumSched
         use_beta_sigmas: bool = False,
         time_shift_type: str = "exponential",
         stochastic_sampling: bool = False,
-        solver_order: int = 4,
+        multistep_order: int = 4,
         momentum_beta: float = 0.8,
         coefficients: str = "variable",
         lower_order_final: bool = False,

@@ -18,7 +18,7 @@ class GHVBScheduler(GHVBMixin, VPMomentumSchedulerBase):
     ``coefficients="variable"`` (default) uses weights exact on the actual sigmabar grid (keeps order k on Karras
     and other non-uniform spacings); ``"fixed"`` uses the paper's constant mixer table m^(k)(beta).
 
-    Config keys are those of diffusers' DPMSolverMultistepScheduler plus ``solver_order``, ``momentum_beta``
+    Config keys are those of diffusers' DPMSolverMultistepScheduler plus ``multistep_order`` (1-4; named apart from DPM-Solver's ``solver_order``, whose range is 1-3), ``momentum_beta``
     (damping beta in (0, 1]; smaller = more momentum), ``coefficients`` ('variable' | 'fixed'), so
     ``GHVBScheduler.from_config(pipe.scheduler.config)`` works.
     """
@@ -31,7 +31,7 @@ class GHVBScheduler(GHVBMixin, VPMomentumSchedulerBase):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas: np.ndarray | list[float] | None = None,
-        solver_order: int = 4,
+        multistep_order: int = 4,
         momentum_beta: float = 0.8,
         coefficients: str = "variable",
         prediction_type: str = "epsilon",

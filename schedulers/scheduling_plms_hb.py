@@ -15,7 +15,7 @@ class PLMSHeavyBallScheduler(PLMSHeavyBallMixin, VPMomentumSchedulerBase):
 
     beta = 1 is PLMS-k; beta < 1 is first order but much more stable at high guidance.
 
-    Config keys are those of diffusers' DPMSolverMultistepScheduler plus ``solver_order``, ``momentum_beta``
+    Config keys are those of diffusers' DPMSolverMultistepScheduler plus ``multistep_order`` (1-4; named apart from DPM-Solver's ``solver_order``, whose range is 1-3), ``momentum_beta``
     (damping beta in (0, 1]; smaller = more momentum), ``coefficients`` ('variable' | 'fixed'), so
     ``PLMSHeavyBallScheduler.from_config(pipe.scheduler.config)`` works.
     """
@@ -28,7 +28,7 @@ class PLMSHeavyBallScheduler(PLMSHeavyBallMixin, VPMomentumSchedulerBase):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas: np.ndarray | list[float] | None = None,
-        solver_order: int = 4,
+        multistep_order: int = 4,
         momentum_beta: float = 0.8,
         coefficients: str = "variable",
         prediction_type: str = "epsilon",

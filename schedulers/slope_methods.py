@@ -29,7 +29,7 @@ class _SlopeMethodMixin:
     """Common slope-form step; subclasses define ``_combined_slope``."""
 
     def _init_slope_method(self) -> None:
-        check_order_and_beta(self.config.solver_order, self.config.momentum_beta, max_order=4)
+        check_order_and_beta(self, "multistep_order", max_order=4)
         check_choice("coefficients", self.config.coefficients, COEFFICIENT_TYPES)
 
     def _reset_algorithm_state(self) -> None:
@@ -39,10 +39,14 @@ class _SlopeMethodMixin:
     def _current_order(self, index: int, available: int) -> int:
         if self._is_forced_first_order_final(index):
             return 1
-        return min(self.config.solver_order, available)
+        return min(self.config.multistep_order, available)
 
     def _advance(self, model_output, sample, index):
         slope = self._to_slope(model_output, sample, index)
+        if self._grid[index + 1] == self._grid[index]:
+            # zero-length step (Karras or custom timesteps ending at t = 0 with final_sigmas_type="sigma_min"): a no-op,
+            # as in DPMSolverMultistep; it can only be the last step, so the history needs no update
+            return sample.clone(), self._slope_to_data(slope, sample, index)
         combined = self._combined_slope(slope, index)
         self._previous_combined = combined
         scale, step = noise_form_coefficients(
@@ -60,11 +64,11 @@ class GHVBMixin(_SlopeMethodMixin):
         beta = float(self.config.momentum_beta)
         if self.config.coefficients == "fixed":
             velocity = slope if not self._slopes else (1.0 - beta) * self._slopes[0] + beta * slope
-            self._slopes = [velocity] + self._slopes[: self.config.solver_order - 1]
+            self._slopes = [velocity] + self._slopes[: self.config.multistep_order - 1]
             order = self._current_order(index, len(self._slopes))
             weights = [w / beta for w in ghvb_mixer_table(order, beta)]
             return linear_combination(weights, self._slopes)
-        self._slopes = [slope] + self._slopes[: self.config.solver_order - 1]
+        self._slopes = [slope] + self._slopes[: self.config.multistep_order - 1]
         if self._previous_combined is None:
             return slope  # first step: ehat_0 = e_0 (Euler / DDIM)
         order = self._current_order(index, len(self._slopes))
@@ -78,7 +82,7 @@ class PLMSHeavyBallMixin(_SlopeMethodMixin):
 
     def _combined_slope(self, slope, index):
         beta = float(self.config.momentum_beta)
-        self._slopes = [slope] + self._slopes[: self.config.solver_order - 1]
+        self._slopes = [slope] + self._slopes[: self.config.multistep_order - 1]
         order = self._current_order(index, len(self._slopes))
         if self.config.coefficients == "fixed":
             weights = adams_bashforth_table(order)
@@ -102,7 +106,7 @@ class DPMSolverHeavyBallMixin:
     """
 
     def _init_dpm_method(self) -> None:
-        check_order_and_beta(self.config.solver_order, self.config.momentum_beta, max_order=2)
+        check_order_and_beta(self, "solver_order", max_order=2)
 
     def _reset_algorithm_state(self) -> None:
         self._previous_data = None

@@ -109,7 +109,7 @@ def _plms_reference(sigma_bars, x_init, model, order, adaptive):
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 @pytest.mark.parametrize("coefficients", ["fixed", "variable"])
 def test_beta_one_is_plms(cls, order, coefficients):
-    scheduler = cls(**SD_SCHEDULE, solver_order=order, momentum_beta=1.0, coefficients=coefficients,
+    scheduler = cls(**SD_SCHEDULE, multistep_order=order, momentum_beta=1.0, coefficients=coefficients,
                     use_karras_sigmas=True)
     scheduler.set_timesteps(12)
     x_init = _x_init()
@@ -158,7 +158,7 @@ def test_dpmsolver_hb_momentum_changes_result_and_euler_at_final():
 
 def test_flow_ghvb_order_one_beta_one_is_flow_match_euler():
     config = dict(shift=3.0)
-    ours = FlowMatchGHVBScheduler(**config, solver_order=1, momentum_beta=1.0)
+    ours = FlowMatchGHVBScheduler(**config, multistep_order=1, momentum_beta=1.0)
     reference = FlowMatchEulerDiscreteScheduler(**config)
     ours.set_timesteps(7)
     reference.set_timesteps(7)
@@ -213,22 +213,23 @@ def _observed_order(cls, grid_fn, n, **config):
     (1, _quadratic_grid, 40), (2, _quadratic_grid, 40), (3, _quadratic_grid, 40), (4, _quadratic_grid, 40),
 ])
 def test_ghvb_variable_keeps_order_k(order, grid_fn, n):
-    q = _observed_order(GHVBScheduler, grid_fn, n, solver_order=order, momentum_beta=0.7, coefficients="variable")
+    q = _observed_order(GHVBScheduler, grid_fn, n, multistep_order=order, momentum_beta=0.7, coefficients="variable")
     assert q > order - 0.3, q
 
 
 @pytest.mark.parametrize("order", [3, 4])
 def test_ghvb_fixed_drops_to_second_order_on_nonuniform_grid(order):
-    q = _observed_order(GHVBScheduler, _quadratic_grid, 40, solver_order=order, momentum_beta=0.7,
+    q = _observed_order(GHVBScheduler, _quadratic_grid, 40, multistep_order=order, momentum_beta=0.7,
                         coefficients="fixed")
     assert 1.7 < q < 2.5, q
 
 
 @pytest.mark.parametrize("cls", [PLMSHeavyBallScheduler, DPMSolverHeavyBallScheduler])
 def test_heavy_ball_below_one_is_first_order(cls):
-    q = _observed_order(cls, _quadratic_grid, 40, solver_order=2, momentum_beta=0.6)
+    order_key = "solver_order" if cls is DPMSolverHeavyBallScheduler else "multistep_order"
+    q = _observed_order(cls, _quadratic_grid, 40, **{order_key: 2}, momentum_beta=0.6)
     assert 0.7 < q < 1.3, q
-    q_base = _observed_order(cls, _quadratic_grid, 40, solver_order=2, momentum_beta=1.0)
+    q_base = _observed_order(cls, _quadratic_grid, 40, **{order_key: 2}, momentum_beta=1.0)
     assert q_base > 1.7, q_base
 
 
@@ -279,10 +280,10 @@ def _flow_observed_order(cls, n, **config):
 # The flow ODE starts at sigma = 1 where the trajectory is already curved, so the lower-order warm-up caps every
 # GHVB order at 2 here (measured 2.14 / 2.31 for k = 4 / 3 at N = 40 -> 80); orders 1-2 and first-order HB are clean.
 @pytest.mark.parametrize(("cls", "config", "low", "high"), [
-    (FlowMatchGHVBScheduler, dict(solver_order=1, momentum_beta=0.7), 0.8, 1.2),
-    (FlowMatchGHVBScheduler, dict(solver_order=2, momentum_beta=0.7), 1.8, 2.2),
-    (FlowMatchGHVBScheduler, dict(solver_order=4, momentum_beta=0.7), 1.9, 3.0),
-    (FlowMatchPLMSHeavyBallScheduler, dict(solver_order=2, momentum_beta=0.6), 0.8, 1.2),
+    (FlowMatchGHVBScheduler, dict(multistep_order=1, momentum_beta=0.7), 0.8, 1.2),
+    (FlowMatchGHVBScheduler, dict(multistep_order=2, momentum_beta=0.7), 1.8, 2.2),
+    (FlowMatchGHVBScheduler, dict(multistep_order=4, momentum_beta=0.7), 1.9, 3.0),
+    (FlowMatchPLMSHeavyBallScheduler, dict(multistep_order=2, momentum_beta=0.6), 0.8, 1.2),
     (FlowMatchDPMSolverHeavyBallScheduler, dict(solver_order=2, momentum_beta=0.6), 0.8, 1.2),
     (FlowMatchDPMSolverHeavyBallScheduler, dict(solver_order=2, momentum_beta=1.0), 1.8, 3.5),
 ])
