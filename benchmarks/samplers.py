@@ -1,4 +1,4 @@
-"""Exact Gaussian-mixture benchmark: momentum schedulers vs diffusers solvers (docs/momentum_samplers.md section 7).
+"""Exact Gaussian-mixture benchmark: momentum schedulers vs diffusers solvers (method: docs/momentum_samplers.md).
 
 Every scheduler is built from the same SD1.5 noise schedule (scaled_linear 0.00085-0.012), the same timestep spacing
 and the same final sigma, driven through set_timesteps / scale_model_input / step like a pipeline, and scored against
@@ -24,24 +24,36 @@ import time
 
 import torch
 
-from diffusers_distill.gaussian_mixture import GaussianMixture, compare_samplers, default_base_config, plot_error_vs_nfe
+from diffusers_distill.gaussian_mixture import (
+    GaussianMixture,
+    compare_samplers,
+    default_base_config,
+    plot_error_vs_nfe,
+)
 
 GUIDANCE_SCALES = (1.0, 7.5, 15.0, 25.0)
 STEPS = (4, 5, 6, 8, 10, 12, 15, 20, 25)
 DIFFUSERS = ("DDIM", "PLMS (PNDM)", "DPM++2M", "DPM++3M", "UniPC", "DEIS")
-# the class defaults after issue 8 (see docs/schedulers.md): GHVB / PLMS-HB order 4, DPM-HB order 2, beta = 1
-DEFAULTS = ("GHVB4.0", "PLMS4", "DPM++2M+HB1.0")
+# shown first in the summary tables (the class defaults are among them, see docs/schedulers.md)
+DEFAULTS = ("GHVB4.0 dpm-final", "GHVB3.8 dpm-final", "PLMS4+HB0.8 dpm-final", "DPM++2M+HB1.0", "DPM++2M+HB0.8",
+            "DPM++2M+HB0.6")
 # (momentum setting, its beta = 1 base method) pairs for "where does beta < 1 pay"
 MOMENTUM_PAIRS = (
     ("GHVB3.9", "GHVB4.0"), ("GHVB3.8", "GHVB4.0"), ("GHVB3.5", "GHVB4.0"), ("GHVB1.8", "GHVB2.0"),
-    ("GHVB0.8", "GHVB1.0"), ("PLMS4+HB0.8", "PLMS4"), ("PLMS4+HB0.6", "PLMS4"),
+    ("GHVB0.8", "GHVB1.0"), ("PLMS4+HB0.8", "GHVB4.0"), ("PLMS4+HB0.6", "GHVB4.0"),
+    ("GHVB3.8 dpm-final", "GHVB4.0 dpm-final"), ("PLMS4+HB0.8 dpm-final", "GHVB4.0 dpm-final"),
     ("DPM++2M+HB0.8", "DPM++2M+HB1.0"), ("DPM++2M+HB0.6", "DPM++2M+HB1.0"),
 )
 
 
 def diffusers_samplers(config: dict) -> dict:
-    from diffusers import DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, PNDMScheduler
-    from diffusers import UniPCMultistepScheduler
+    from diffusers import (
+        DDIMScheduler,
+        DEISMultistepScheduler,
+        DPMSolverMultistepScheduler,
+        PNDMScheduler,
+        UniPCMultistepScheduler,
+    )
 
     return {
         "DDIM": lambda: DDIMScheduler.from_config(config),
@@ -54,27 +66,34 @@ def diffusers_samplers(config: dict) -> dict:
 
 
 def momentum_samplers(config: dict) -> dict:
-    """Our schedulers; GHVB names use the paper's momentum number (order - 1 + beta)."""
-    from diffusers_distill import DPMSolverHeavyBallScheduler, GHVBScheduler, PLMSHeavyBallScheduler
+    """Our schedulers; GHVB names use the paper's momentum number (order - 1 + beta); "dpm-final" =
+    ``final_step="dpmsolver++"`` (DPM-Solver++ data-form last step), otherwise the paper's multistep formula."""
+    from diffusers_distill import (
+        DPMSolverHeavyBallScheduler,
+        GHVBScheduler,
+        PLMSHeavyBallScheduler,
+    )
 
-    def plms(beta, coefficients="variable"):
+    def plms(beta, coefficients="variable", final_step="multistep"):
         return lambda: PLMSHeavyBallScheduler.from_config(
-            config, multistep_order=4, momentum_beta=beta, coefficients=coefficients)
+            config, multistep_order=4, momentum_beta=beta, coefficients=coefficients, final_step=final_step)
 
-    def ghvb(order, beta, coefficients="variable"):
+    def ghvb(order, beta, coefficients="variable", final_step="multistep"):
         return lambda: GHVBScheduler.from_config(
-            config, multistep_order=order, momentum_beta=beta, coefficients=coefficients)
+            config, multistep_order=order, momentum_beta=beta, coefficients=coefficients, final_step=final_step)
 
     def dpm(beta):
         return lambda: DPMSolverHeavyBallScheduler.from_config(config, solver_order=2, momentum_beta=beta)
 
-    samplers = {"PLMS4": plms(1.0), "PLMS4 fixed": plms(1.0, "fixed"), "PLMS4+HB0.8": plms(0.8),
-                "PLMS4+HB0.6": plms(0.6)}
-    for order, beta in [(1, 1.0), (1, 0.8), (2, 1.0), (2, 0.8), (4, 1.0), (4, 0.9), (4, 0.8), (4, 0.5)]:
+    samplers = {"GHVB4.0 dpm-final": ghvb(4, 1.0, final_step="dpmsolver++"),
+                "GHVB3.8 dpm-final": ghvb(4, 0.8, final_step="dpmsolver++"),
+                "PLMS4+HB0.8 dpm-final": plms(0.8, final_step="dpmsolver++"),
+                "DPM++2M+HB1.0": dpm(1.0), "DPM++2M+HB0.8": dpm(0.8), "DPM++2M+HB0.6": dpm(0.6)}
+    # multistep final step (the paper's formula on every step): GHVB4.0 = PLMS-4 with variable coefficients
+    for order, beta in [(4, 1.0), (4, 0.9), (4, 0.8), (4, 0.5), (2, 1.0), (2, 0.8), (1, 1.0), (1, 0.8)]:
         samplers[f"GHVB{order - 1 + beta:.1f}"] = ghvb(order, beta)
-    samplers["GHVB3.8 fixed"] = ghvb(4, 0.8, "fixed")
-    for beta in (1.0, 0.8, 0.6):
-        samplers[f"DPM++2M+HB{beta:.1f}"] = dpm(beta)
+    samplers.update({"PLMS4+HB0.8": plms(0.8), "PLMS4+HB0.6": plms(0.6),
+                     "PLMS4 fixed": plms(1.0, "fixed"), "GHVB3.8 fixed": ghvb(4, 0.8, "fixed")})
     return samplers
 
 
@@ -170,8 +189,8 @@ def write_atomic(path: str, text: str) -> None:
 
 def report_problem(title: str, rows: list, ours: list, seconds: float, plot_path: str) -> str:
     parts = [f"\n## {title} ({seconds:.0f} s)\n",
-             "\nMedian endpoint error (blow-up %), and ratio to the best diffusers solver at that step count "
-             "(bold: at or below it).\n"]
+             ("\nMedian endpoint error (blow-up %), and ratio to the best diffusers solver at that step count "
+              "(bold: at or below it).\n")]
     for guidance in GUIDANCE_SCALES:
         parts.append(f"\n**w = {guidance:g}**\n\n" + summary_table(rows, guidance, [n for n in DEFAULTS if n in ours]
                                                                   + [n for n in ours if n not in DEFAULTS]) + "\n")
@@ -200,11 +219,11 @@ def main(argv=None) -> None:
     config = dict(default_base_config(), timestep_spacing=args.spacing, final_sigmas_type=args.final_sigmas)
     theirs, ours = diffusers_samplers(config), momentum_samplers(config)
     samplers = {**theirs, **ours}
-    header = [f"# Exact GMM sampler benchmark\n\nSD1.5 scaled_linear schedule, `{args.spacing}` spacing, "
+    header = [(f"# Exact GMM sampler benchmark\n\nSD1.5 scaled_linear schedule, `{args.spacing}` spacing, "
               f"final_sigmas_type `{args.final_sigmas}` for every sampler that has it, batch {args.batch_size}, "
               f"seed {args.seed}; reference DOP853 rtol=atol=1e-10. Momentum rows are diffusers_distill schedulers "
               "(variable coefficients unless 'fixed'; GHVBm = order ceil(m), beta = frac(m), GHVB4.0 = order 4 "
-              "beta 1).\n"]
+              "beta 1).\n")]
     summaries, fulls, all_rows = [], [], {}
     for key in selected:
         title, mixture = problems()[key]
@@ -213,7 +232,7 @@ def main(argv=None) -> None:
         seconds = time.process_time() - started
         all_rows[key] = rows
         plot_path = os.path.join(args.output_dir, f"samplers_gmm_{key}.png")
-        plot_error_vs_nfe([r for r in rows if r["sampler"] in set(DIFFUSERS) | set(DEFAULTS) | {"GHVB3.8"}],
+        plot_error_vs_nfe([r for r in rows if r["sampler"] in set(DIFFUSERS) | set(DEFAULTS) | {"GHVB4.0"}],
                           plot_path, title=title, dashed=ours, metric="median_error")
         summaries.append(report_problem(title, rows, list(ours), seconds, plot_path))
         fulls.append(f"\n## {title}: all samplers\n" + "".join(

@@ -1,7 +1,7 @@
 """Exact Gaussian-mixture denoiser: a CPU benchmark for diffusion samplers against a converged PF-ODE reference.
 
 For data p0 = sum_k pi_k N(mu_k, diag(s_k^2)) and VP noising x_t = alpha_t x0 + sigma_t eps, every quantity a
-diffusion model learns is available in closed form (docs/momentum_samplers.md section 7.1):
+diffusion model learns is available in closed form (docs/momentum_samplers.md, "The Gaussian-mixture benchmark"):
 
 * marginal      p_t(x) = sum_k pi_k N(x; alpha mu_k, C_k),  C_k = alpha^2 diag(s_k^2) + sigma^2 I
 * noise         eps_hat = E[eps | x_t] = -sigma grad log p_t = sigma sum_k r_k C_k^-1 (x - alpha mu_k)
@@ -367,6 +367,44 @@ def default_samplers(base_config: Optional[dict] = None) -> Dict[str, Callable[[
         "DPM++2M": lambda: DPMSolverMultistepScheduler.from_config(
             config, algorithm_type="dpmsolver++", solver_order=2),
     }
+
+
+def demo_samplers(base_config: Optional[dict] = None) -> Dict[str, Callable[[], object]]:
+    """diffusers' DDIM, PLMS, DPM-Solver++(2M), UniPC and DEIS next to this package's three VP momentum schedulers
+    with their class defaults (``GHVBScheduler``, ``PLMSHeavyBallScheduler``, ``DPMSolverHeavyBallScheduler``) and
+    the Heavy Ball setting the benchmark recommends at high guidance (docs/schedulers.md)."""
+    from diffusers import DEISMultistepScheduler, UniPCMultistepScheduler
+
+    from diffusers_distill.schedulers import DPMSolverHeavyBallScheduler, GHVBScheduler, PLMSHeavyBallScheduler
+
+    config = base_config or default_base_config()
+    samplers = dict(default_samplers(config))
+    samplers["UniPC"] = lambda: UniPCMultistepScheduler.from_config(config)
+    samplers["DEIS"] = lambda: DEISMultistepScheduler.from_config(config)
+    samplers["GHVB (default)"] = lambda: GHVBScheduler.from_config(config)
+    samplers["PLMS-HB (default)"] = lambda: PLMSHeavyBallScheduler.from_config(config)
+    samplers["DPM++2M-HB (default)"] = lambda: DPMSolverHeavyBallScheduler.from_config(config)
+    samplers["DPM++2M-HB 0.6"] = lambda: DPMSolverHeavyBallScheduler.from_config(config, momentum_beta=0.6)
+    return samplers
+
+
+def error_table_markdown(rows: Sequence[dict], metric: str = "median_error") -> str:
+    """One markdown table per guidance scale: sampler x steps, the endpoint error (blow-up % in parentheses)."""
+    steps = sorted({r["steps"] for r in rows})
+    names = list(dict.fromkeys(r["sampler"] for r in rows))
+    table = {(r["sampler"], r["guidance"], r["steps"]): r for r in rows}
+    lines = []
+    for guidance in sorted({r["guidance"] for r in rows}):
+        lines += [f"\n**guidance {guidance:g}** ({metric.replace('_', ' ')}; blow-up %)\n",
+                  "| sampler | " + " | ".join(str(n) for n in steps) + " |", "|---|" + "---|" * len(steps)]
+        for name in names:
+            cells = []
+            for n in steps:
+                row = table[(name, guidance, n)]
+                cell = f"{row[metric]:.3g}" if math.isfinite(row[metric]) else "inf"
+                cells.append(cell + (f" ({100 * row['blowup_fraction']:.0f}%)" if row["blowup_fraction"] > 0 else ""))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def blown_up(samples: torch.Tensor, mixture: GaussianMixture, reference: Optional[torch.Tensor] = None) -> torch.Tensor:

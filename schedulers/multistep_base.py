@@ -27,6 +27,7 @@ VP_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 COEFFICIENT_TYPES = ("variable", "fixed")
+FINAL_STEP_TYPES = ("dpmsolver++", "multistep")
 
 
 @dataclass

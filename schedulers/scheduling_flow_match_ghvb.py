@@ -13,8 +13,10 @@ class FlowMatchGHVBScheduler(GHVBMixin, FlowMatchMomentumSchedulerBase):
     """GHVB-k on the flow-matching ODE dx/dsigma = v (SD3, Flux). Order 1 with beta = 1 is
     FlowMatchEulerDiscreteScheduler; see ``GHVBScheduler`` for the method.
 
-    Config keys are those of diffusers' FlowMatchEulerDiscreteScheduler plus ``multistep_order`` (1-4; named apart from DPM-Solver's ``solver_order``, whose range is 1-3), ``momentum_beta``
-    (damping beta in (0, 1]; smaller = more momentum), ``coefficients`` ('variable' | 'fixed'), so
+    Config keys are those of diffusers' FlowMatchEulerDiscreteScheduler plus ``multistep_order`` (1-4; named apart
+    from DPM-Solver's ``solver_order``, whose range is 1-3), ``momentum_beta`` (damping beta in (0, 1]; smaller =
+    more momentum), ``coefficients`` ('variable' | 'fixed'), ``final_step`` ('multistep': the method's own formula,
+    the paper's; 'dpmsolver++': a DPM-Solver++ data-form last step, see docs/schedulers.md), so
     ``FlowMatchGHVBScheduler.from_config(pipe.scheduler.config)`` works.
     """
 
@@ -38,6 +40,7 @@ class FlowMatchGHVBScheduler(GHVBMixin, FlowMatchMomentumSchedulerBase):
         multistep_order: int = 4,
         momentum_beta: float = 0.8,
         coefficients: str = "variable",
+        final_step: str = "multistep",
         lower_order_final: bool = False,
     ):
         self._init_slope_method()

@@ -68,7 +68,7 @@ def option_configs(cls):
     options = [{}, {"momentum_beta": 0.6}, {"momentum_beta": 1.0}, {"num_train_timesteps": 500}]
     options += [{order_key(cls): order} for order in range(1, max_order(cls) + 1)]
     if "DPMSolver" not in cls.__name__:
-        options.append({"coefficients": "fixed"})
+        options += [{"coefficients": "fixed"}, {"final_step": "dpmsolver++"}, {"final_step": "multistep"}]
     options += [{"lower_order_final": True}, {"lower_order_final": False}]
     if is_flow(cls):
         options += [{"shift": 3.0}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True},
@@ -152,8 +152,12 @@ def test_from_compatible_default_configs(cls):
 
 def test_order_keys_do_not_clash_with_dpm_solver():
     """GHVB's order 4 must not reach DPM-Solver/UniPC/DEIS (range 1-3), and their order must not reach GHVB."""
-    from diffusers import DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
-    from diffusers import UniPCMultistepScheduler
+    from diffusers import (
+        DEISMultistepScheduler,
+        DPMSolverMultistepScheduler,
+        DPMSolverSinglestepScheduler,
+        UniPCMultistepScheduler,
+    )
 
     ghvb = GHVBScheduler(**SD15, multistep_order=4)
     for other_cls in (DPMSolverSinglestepScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler,

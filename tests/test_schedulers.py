@@ -110,7 +110,7 @@ def _plms_reference(sigma_bars, x_init, model, order, adaptive):
 @pytest.mark.parametrize("coefficients", ["fixed", "variable"])
 def test_beta_one_is_plms(cls, order, coefficients):
     scheduler = cls(**SD_SCHEDULE, multistep_order=order, momentum_beta=1.0, coefficients=coefficients,
-                    use_karras_sigmas=True)
+                    use_karras_sigmas=True, final_sigmas_type="zero")
     scheduler.set_timesteps(12)
     x_init = _x_init()
     got = _run(scheduler, x_init)
@@ -198,6 +198,7 @@ def _quadratic_grid(n):
 
 def _observed_order(cls, grid_fn, n, **config):
     x_bar_init = torch.linspace(-2.0, 2.0, 5, dtype=torch.float64) * SIGMA_BAR_MAX
+    config = {"final_sigmas_type": "zero", **config}  # the exact solution is taken at sigmabar = 0
     errors = [_gaussian_endpoint_error(cls(**SD_SCHEDULE, **config), grid_fn(m), x_bar_init) for m in (n, 2 * n)]
     return math.log2(errors[0] / errors[1])
 
@@ -290,3 +291,34 @@ def _flow_observed_order(cls, n, **config):
 def test_flow_convergence_orders(cls, config, low, high):
     q = _flow_observed_order(cls, 40, **config)
     assert low < q < high, q
+
+
+# ----------------------------------------------------------------------------------------------- data-form final step
+def _lambda(alpha_bar: float) -> float:
+    return 0.5 * math.log(alpha_bar / (1.0 - alpha_bar))
+
+
+@pytest.mark.parametrize("cls", [GHVBScheduler, PLMSHeavyBallScheduler])
+@pytest.mark.parametrize(("steps", "second_order"), [(12, True), (8, False)])
+def test_dpmsolver_final_step_is_dpm_solver_plus_plus(cls, steps, second_order):
+    """final_step="dpmsolver++": the last step is DPM-Solver++ (2M from 10 steps on, 1 below) in the data form,
+    x' = (sigma'/sigma) x - alpha' (e^{-h} - 1) D, D = x0_n + h/(2 h_prev) (x0_n - x0_{n-1})."""
+    scheduler = cls(**SD_SCHEDULE, momentum_beta=0.8, final_step="dpmsolver++", final_sigmas_type="sigma_min",
+                    timestep_spacing="trailing")
+    scheduler.set_timesteps(steps)
+    sample = _x_init()
+    data = []
+    for t in scheduler.timesteps[:-1]:
+        output = scheduler.step(_toy_model(sample, t), t, sample)
+        data.append(output.pred_original_sample)
+        sample = output.prev_sample
+    t_prev, t_last = int(scheduler.timesteps[-2]), int(scheduler.timesteps[-1])
+    last = scheduler.step(_toy_model(sample, t_last), t_last, sample)
+    alphas_cumprod = scheduler.alphas_cumprod.double()
+    a_prev, a, a_next = (float(alphas_cumprod[t]) for t in (t_prev, t_last, 0))
+    h_prev, h = _lambda(a) - _lambda(a_prev), _lambda(a_next) - _lambda(a)
+    x0 = last.pred_original_sample.double()
+    direction = x0 + (h / (2 * h_prev)) * (x0 - data[-1].double()) if second_order else x0
+    expected = (math.sqrt(1 - a_next) / math.sqrt(1 - a)) * sample.double() \
+        - math.sqrt(a_next) * (math.exp(-h) - 1) * direction
+    torch.testing.assert_close(last.prev_sample.double(), expected, atol=1e-5, rtol=1e-5)

@@ -171,3 +171,15 @@ def test_step_keeps_dtype_and_returns_denoised():
     output = scheduler.step(torch.randn(1, 4, dtype=torch.float16), scheduler.timesteps[0], sample)
     assert output.prev_sample.dtype == torch.float16 and output.pred_original_sample.shape == (1, 4)
     assert scheduler.step_index == 1
+
+
+def test_demo_gaussian_mixture_stage_shows_package_schedulers_beside_diffusers(tmp_path):
+    from diffusers_distill.cli import stage_gaussian_mixture
+
+    result = stage_gaussian_mixture(str(tmp_path))
+    names = {row["sampler"] for row in result["gaussian_mixture"]}
+    assert {"DDIM", "DPM++2M", "DEIS", "UniPC", "GHVB (default)", "PLMS-HB (default)",
+            "DPM++2M-HB (default)"} <= names
+    table = (tmp_path / "gaussian_mixture_metrics.md").read_text()
+    assert "| GHVB (default) |" in table and "| DEIS |" in table and "**guidance 15**" in table
+    assert (tmp_path / "gaussian_mixture_error_vs_nfe.png").stat().st_size > 1000
