@@ -34,6 +34,14 @@ from .multistep_base import (
 class _SlopeMethodMixin:
     """Common slope-form step; subclasses define ``_combined_slope``."""
 
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        # diffusers would silently drop an unknown override; the order key used to be called solver_order
+        if "solver_order" in kwargs:
+            raise ValueError(f"{cls.__name__} takes `multistep_order` (1-4), not `solver_order` (DPM-Solver's key), "
+                             f"got solver_order={kwargs['solver_order']!r}.")
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     def _init_slope_method(self) -> None:
         check_order_and_beta(self, "multistep_order", max_order=4)
         check_choice("coefficients", self.config.coefficients, COEFFICIENT_TYPES)

@@ -166,6 +166,8 @@ def test_order_keys_do_not_clash_with_dpm_solver():
         assert other.config.solver_order == other_cls().config.solver_order
         assert torch.isfinite(full_loop(other, num_inference_steps=6)).all()
         assert GHVBScheduler.from_config(other.config).config.multistep_order == 4
+    with pytest.raises(ValueError, match="takes `multistep_order`"):
+        GHVBScheduler.from_config(ghvb.config, solver_order=2)  # an override diffusers would silently drop
     dpm = DPMSolverMultistepScheduler(**SD15, solver_order=3)
     assert GHVBScheduler.from_config(dpm.config).config.multistep_order == 4
     assert DPMSolverMultistepScheduler.from_config(GHVBScheduler.from_config(dpm.config).config).config.solver_order == 3
