@@ -24,8 +24,8 @@ def schedulers(config: dict) -> dict:
 
     return {
         "DPMSolverMultistep 2M (diffusers)": lambda: DPMSolverMultistepScheduler.from_config(config),
-        "GHVB order 4, beta 0.8": lambda: GHVBScheduler.from_config(config, solver_order=4, momentum_beta=0.8),
-        "PLMS4 + HB 0.8": lambda: PLMSHeavyBallScheduler.from_config(config, solver_order=4, momentum_beta=0.8),
+        "GHVB order 4, beta 0.8": lambda: GHVBScheduler.from_config(config, multistep_order=4, momentum_beta=0.8),
+        "PLMS4 + HB 0.8": lambda: PLMSHeavyBallScheduler.from_config(config, multistep_order=4, momentum_beta=0.8),
         "DPM++2M + HB 0.8": lambda: DPMSolverHeavyBallScheduler.from_config(config, solver_order=2, momentum_beta=0.8),
     }
 

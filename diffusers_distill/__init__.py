@@ -1,7 +1,7 @@
 """diffusers-distill: fast sampling and few-step distillation for Hugging Face diffusers.
 
 Every public class is importable from the top level (``from diffusers_distill import GHVBScheduler``);
-the heavy submodules are imported lazily on first access.
+the heavy submodules are imported lazily on first access, except the schedulers (needed to reload saved pipelines).
 """
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+# Imported eagerly (not lazily like the rest): diffusers reloads a saved pipeline whose scheduler is one of ours only if
+# the scheduler's module is already in sys.modules (see schedulers/__init__.py and docs/schedulers.md).
+from . import schedulers as _schedulers  # noqa: E402,F401
 
 
 def __getattr__(name: str):

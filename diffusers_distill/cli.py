@@ -90,11 +90,18 @@ def run_evaluate(args) -> dict:
 
 
 def stage_gaussian_mixture(output_dir: str) -> dict | None:
-    """Stage 1: endpoint error of every sampler on the analytic Gaussian mixture (H2's module)."""
-    from .gaussian_mixture import compare_samplers, plot_error_vs_nfe
+    """Stage 1: endpoint error of diffusers' solvers and this package's momentum schedulers on the analytic
+    Gaussian mixture (table ``gaussian_mixture_metrics.md`` and plot; full benchmark: benchmarks/samplers.py)."""
+    from .gaussian_mixture import compare_samplers, demo_samplers, error_table_markdown, plot_error_vs_nfe
 
-    rows = compare_samplers(guidance_scales=(1.0, 7.5), steps=(5, 10, 20), batch_size=128)
-    plot_error_vs_nfe(rows, os.path.join(output_dir, "gaussian_mixture_error_vs_nfe.png"))
+    samplers = demo_samplers()
+    rows = compare_samplers(samplers, guidance_scales=(1.0, 7.5, 15.0), steps=(5, 10, 20), batch_size=128)
+    ours = [name for name in samplers if "HB" in name or "GHVB" in name]
+    plot_error_vs_nfe(rows, os.path.join(output_dir, "gaussian_mixture_error_vs_nfe.png"), dashed=ours,
+                      metric="median_error")
+    table = error_table_markdown(rows)
+    _write_text(os.path.join(output_dir, "gaussian_mixture_metrics.md"), table)
+    print(table, flush=True)
     return {"gaussian_mixture": rows}
 
 

@@ -252,8 +252,8 @@ SCHEDULERS = {
     "unipc": ("diffusers", "UniPCMultistepScheduler", {}),
     "euler": ("diffusers", "EulerDiscreteScheduler", {}),
     "pndm": ("diffusers", "PNDMScheduler", {"skip_prk_steps": True}),
-    "ghvb": ("diffusers_distill.schedulers", "GHVBScheduler", {"solver_order": 2, "momentum_beta": 0.8}),
-    "plms_hb": ("diffusers_distill.schedulers", "PLMSHeavyBallScheduler", {"solver_order": 2, "momentum_beta": 0.8}),
+    "ghvb": ("diffusers_distill.schedulers", "GHVBScheduler", {"multistep_order": 2, "momentum_beta": 0.8}),
+    "plms_hb": ("diffusers_distill.schedulers", "PLMSHeavyBallScheduler", {"multistep_order": 2, "momentum_beta": 0.8}),
     "dpmpp_hb": ("diffusers_distill.schedulers", "DPMSolverHeavyBallScheduler", {"solver_order": 2, "momentum_beta": 0.8}),
 }
 

@@ -1,7 +1,7 @@
 """Exact Gaussian-mixture denoiser: a CPU benchmark for diffusion samplers against a converged PF-ODE reference.
 
 For data p0 = sum_k pi_k N(mu_k, diag(s_k^2)) and VP noising x_t = alpha_t x0 + sigma_t eps, every quantity a
-diffusion model learns is available in closed form (docs/momentum_samplers.md section 7.1):
+diffusion model learns is available in closed form (docs/momentum_samplers.md, "The Gaussian-mixture benchmark"):
 
 * marginal      p_t(x) = sum_k pi_k N(x; alpha mu_k, C_k),  C_k = alpha^2 diag(s_k^2) + sigma^2 I
 * noise         eps_hat = E[eps | x_t] = -sigma grad log p_t = sigma sum_k r_k C_k^-1 (x - alpha mu_k)
@@ -369,6 +369,44 @@ def default_samplers(base_config: Optional[dict] = None) -> Dict[str, Callable[[
     }
 
 
+def demo_samplers(base_config: Optional[dict] = None) -> Dict[str, Callable[[], object]]:
+    """diffusers' DDIM, PLMS, DPM-Solver++(2M), UniPC and DEIS next to this package's three VP momentum schedulers
+    with their class defaults (``GHVBScheduler``, ``PLMSHeavyBallScheduler``, ``DPMSolverHeavyBallScheduler``) and
+    the Heavy Ball setting the benchmark recommends at high guidance (docs/schedulers.md)."""
+    from diffusers import DEISMultistepScheduler, UniPCMultistepScheduler
+
+    from diffusers_distill.schedulers import DPMSolverHeavyBallScheduler, GHVBScheduler, PLMSHeavyBallScheduler
+
+    config = base_config or default_base_config()
+    samplers = dict(default_samplers(config))
+    samplers["UniPC"] = lambda: UniPCMultistepScheduler.from_config(config)
+    samplers["DEIS"] = lambda: DEISMultistepScheduler.from_config(config)
+    samplers["GHVB (default)"] = lambda: GHVBScheduler.from_config(config)
+    samplers["PLMS-HB (default)"] = lambda: PLMSHeavyBallScheduler.from_config(config)
+    samplers["DPM++2M-HB (default)"] = lambda: DPMSolverHeavyBallScheduler.from_config(config)
+    samplers["DPM++2M-HB 0.6"] = lambda: DPMSolverHeavyBallScheduler.from_config(config, momentum_beta=0.6)
+    return samplers
+
+
+def error_table_markdown(rows: Sequence[dict], metric: str = "median_error") -> str:
+    """One markdown table per guidance scale: sampler x steps, the endpoint error (blow-up % in parentheses)."""
+    steps = sorted({r["steps"] for r in rows})
+    names = list(dict.fromkeys(r["sampler"] for r in rows))
+    table = {(r["sampler"], r["guidance"], r["steps"]): r for r in rows}
+    lines = []
+    for guidance in sorted({r["guidance"] for r in rows}):
+        lines += [f"\n**guidance {guidance:g}** ({metric.replace('_', ' ')}; blow-up %)\n",
+                  "| sampler | " + " | ".join(str(n) for n in steps) + " |", "|---|" + "---|" * len(steps)]
+        for name in names:
+            cells = []
+            for n in steps:
+                row = table[(name, guidance, n)]
+                cell = f"{row[metric]:.3g}" if math.isfinite(row[metric]) else "inf"
+                cells.append(cell + (f" ({100 * row['blowup_fraction']:.0f}%)" if row["blowup_fraction"] > 0 else ""))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def blown_up(samples: torch.Tensor, mixture: GaussianMixture, reference: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``(B,)`` bool: non-finite, or farther from the origin than R + 5 max std (doc section 7.2).
 
@@ -403,9 +441,10 @@ def compare_samplers(
         base_config: the scheduler config used for the model's ``alphas_cumprod`` (SD1.5 schedule by default).
 
     Returns:
-        rows ``{"sampler", "guidance", "steps", "nfe", "rmse", "blowup_fraction"}``. ``rmse`` is the root mean
-        square over samples of the Euclidean endpoint error in xbar = x / alpha coordinates (inf when any endpoint is
-        non-finite); ``blowup_fraction`` is the fraction of endpoints flagged by :func:`blown_up`.
+        rows ``{"sampler", "guidance", "steps", "nfe", "rmse", "median_error", "blowup_fraction"}``. ``rmse`` is the
+        root mean square over samples of the Euclidean endpoint error in xbar = x / alpha coordinates (inf when any
+        endpoint is non-finite); ``median_error`` is the median over samples of that error (robust to a few
+        blown-up samples); ``blowup_fraction`` is the fraction of endpoints flagged by :func:`blown_up`.
     """
     guidance_scales, steps = [float(w) for w in guidance_scales], [int(n) for n in steps]
     if batch_size < 1 or any(n < 1 for n in steps):
@@ -437,16 +476,17 @@ def compare_samplers(
                 blown = blown_up(final, mixture, references[key])
                 finite = torch.isfinite(final).all(dim=1)
                 rmse = float(error.pow(2).mean().sqrt()) if bool(finite.all()) else math.inf
+                median = float(torch.where(finite, error, torch.full_like(error, math.inf)).median())
                 rows.append(dict(sampler=name, guidance=guidance, steps=num_steps, nfe=model.num_evaluations,
-                                 rmse=rmse, blowup_fraction=float(blown.double().mean())))
+                                 rmse=rmse, median_error=median, blowup_fraction=float(blown.double().mean())))
     return rows
 
 
 def plot_error_vs_nfe(
-    rows: Sequence[dict], path: str, title: Optional[str] = None, dashed: Iterable[str] = ()
+    rows: Sequence[dict], path: str, title: Optional[str] = None, dashed: Iterable[str] = (), metric: str = "rmse"
 ) -> str:
-    """Log-log endpoint RMSE vs NFE, one panel per guidance scale; blown-up points are circled, samplers named in
-    ``dashed`` are drawn dashed. The PNG is written atomically."""
+    """Log-log endpoint error (``metric``: "rmse" or "median_error") vs NFE, one panel per guidance scale; blown-up
+    points are circled, samplers named in ``dashed`` are drawn dashed. The PNG is written atomically."""
     import os
     import tempfile
 
@@ -462,8 +502,8 @@ def plot_error_vs_nfe(
     figure, axes = plt.subplots(1, len(guidance_scales), figsize=(5.5 * len(guidance_scales), 4.5), squeeze=False)
     for axis, guidance in zip(axes[0], guidance_scales):
         for name in names:
-            points = sorted((r["nfe"], r["rmse"], r["blowup_fraction"]) for r in rows
-                            if r["sampler"] == name and r["guidance"] == guidance and math.isfinite(r["rmse"]))
+            points = sorted((r["nfe"], r[metric], r["blowup_fraction"]) for r in rows
+                            if r["sampler"] == name and r["guidance"] == guidance and math.isfinite(r[metric]))
             if not points:
                 continue
             nfe, rmse, blown = zip(*points)
@@ -475,7 +515,7 @@ def plot_error_vs_nfe(
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_xlabel("NFE")
-        axis.set_ylabel("endpoint RMSE vs DOP853 reference")
+        axis.set_ylabel(("endpoint RMSE" if metric == "rmse" else "median endpoint error") + " vs DOP853 reference")
         axis.set_title(f"guidance w = {guidance:g}")
         axis.grid(True, which="both", alpha=0.3)
     axes[0][-1].legend(fontsize=6, ncol=2)

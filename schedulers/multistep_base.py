@@ -27,6 +27,7 @@ VP_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 COEFFICIENT_TYPES = ("variable", "fixed")
+FINAL_STEP_TYPES = ("dpmsolver++", "multistep")
 
 
 @dataclass
@@ -43,11 +44,44 @@ def check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
 
 
-def check_order_and_beta(solver_order, momentum_beta, max_order: int) -> None:
-    """Validate the multistep order and the damping coefficient beta in (0, 1]."""
-    check_choice("solver_order", solver_order, tuple(range(1, max_order + 1)))
-    if not (isinstance(momentum_beta, (int, float)) and 0.0 < momentum_beta <= 1.0):
-        raise ValueError(f"`momentum_beta` must be in (0, 1], got {momentum_beta!r}.")
+def _is_integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_integer(name: str, value, low: int, high: int) -> int:
+    """Return ``value`` as an int; ValueError naming ``name`` and [low, high] unless it is an integer (python or
+    numpy, not bool, not float) in that range."""
+    if not _is_integer(value) or not low <= int(value) <= high:
+        raise ValueError(f"`{name}` must be an integer in [{low}, {high}], got {value!r}.")
+    return int(value)
+
+
+def check_order_and_beta(scheduler, order_key: str, max_order: int) -> None:
+    """Validate the multistep order (config key ``order_key``) and the damping coefficient beta in (0, 1], and store
+    them in the config as python numbers (numpy scalars are accepted but are not JSON-serialisable)."""
+    config = scheduler.config
+    order = check_integer(order_key, config[order_key], 1, max_order)
+    beta = config.momentum_beta
+    if not (_is_real(beta) and 0.0 < float(beta) <= 1.0):
+        raise ValueError(f"`momentum_beta` must be a real number in (0, 1], got {beta!r}.")
+    scheduler.register_to_config(**{order_key: order, "momentum_beta": float(beta)})
+
+
+def check_decreasing(name: str, values) -> np.ndarray:
+    """``values`` as a float64 array; ValueError naming ``name`` unless it is a non-empty 1-D sequence of finite,
+    strictly decreasing numbers."""
+    try:
+        array = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a sequence of numbers, got {values!r}.") from None
+    if array.ndim != 1 or len(array) == 0 or not np.all(np.isfinite(array)) or np.any(np.diff(array) >= 0):
+        raise ValueError(f"`{name}` must be a non-empty, strictly decreasing sequence of finite numbers, got "
+                         f"{array.tolist()}.")
+    return array
 
 
 def linear_combination(weights, tensors, initial: torch.Tensor | None = None, initial_weight: float = 1.0):
@@ -104,13 +138,23 @@ class MomentumSchedulerBase(SchedulerMixin, ConfigMixin):
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
+    # what index_for_timestep does with a timestep that is not in the schedule: DPMSolverMultistep returns the last
+    # index ("last"), FlowMatchEulerDiscrete fails ("raise")
+    _unknown_timestep = "last"
+
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        """Position of ``timestep`` in the schedule (second match when repeated, like DPMSolverMultistep)."""
+        """Position of ``timestep`` in the schedule (second match when repeated, like diffusers)."""
         if schedule_timesteps is None:
             schedule_timesteps = self.timesteps
         candidates = (schedule_timesteps == timestep).nonzero()
         if len(candidates) == 0:
-            return len(self.timesteps) - 1
+            if self._unknown_timestep == "raise":
+                raise ValueError(
+                    f"`timestep` {float(timestep)!r} is not in the schedule set by `set_timesteps` "
+                    f"({len(schedule_timesteps)} timesteps from {float(schedule_timesteps[0])!r} to "
+                    f"{float(schedule_timesteps[-1])!r})."
+                )
+            return len(schedule_timesteps) - 1
         return candidates[1 if len(candidates) > 1 else 0].item()
 
     def _init_step_index(self, timestep) -> None:
@@ -128,6 +172,10 @@ class MomentumSchedulerBase(SchedulerMixin, ConfigMixin):
             return [self.index_for_timestep(t, schedule) for t in timesteps.to(device).reshape(-1)]
         index = self.step_index if self.step_index is not None else self.begin_index
         return [index] * timesteps.reshape(-1).shape[0]
+
+    def _check_num_inference_steps(self, num_inference_steps) -> None:
+        if num_inference_steps is not None:
+            check_integer("num_inference_steps", num_inference_steps, 1, self.config.num_train_timesteps)
 
     def _finish_set_timesteps(self, sigmas: np.ndarray) -> None:
         """Store the per-node python scalars and reset all history, momentum and indices."""
@@ -181,7 +229,8 @@ class VPMomentumSchedulerBase(MomentumSchedulerBase):
     """VP geometry (SD 1.5 / SDXL). Timesteps and sigmas come from diffusers' DPMSolverMultistepScheduler with the
     same config, so every spacing / Karras / final-sigma option matches it exactly."""
 
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    # every diffusers VP scheduler that builds its noise schedule from these betas (EDMEuler ignores them)
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers if e.name != "EDMEulerScheduler"]
 
     def _init_vp(self, lambda_min_clipped: float = -float("inf")) -> None:
         config = self.config
@@ -230,22 +279,22 @@ class VPMomentumSchedulerBase(MomentumSchedulerBase):
             raise ValueError(
                 f"Pass exactly one of `num_inference_steps`, `timesteps` or `sigmas`, got {given or 'none'}."
             )
-        if num_inference_steps is not None and not 1 <= num_inference_steps <= num_train:
-            raise ValueError(
-                f"`num_inference_steps` must be in [1, num_train_timesteps={num_train}], got {num_inference_steps}."
-            )
+        self._check_num_inference_steps(num_inference_steps)
         if timesteps is not None:
-            values = np.asarray(timesteps, dtype=np.float64)
-            if values.ndim != 1 or len(values) == 0 or np.any(np.diff(values) >= 0):
-                raise ValueError("`timesteps` must be a non-empty, strictly decreasing sequence.")
+            values = check_decreasing("timesteps", timesteps)
+            if np.any(values != np.round(values)):
+                raise ValueError(f"`timesteps` must be integers (UNet timesteps), got {values.tolist()}.")
             if values.min() < 0 or values.max() >= num_train:
-                raise ValueError(f"`timesteps` must lie in [0, num_train_timesteps={num_train}).")
+                raise ValueError(f"`timesteps` must lie in [0, num_train_timesteps={num_train}), got "
+                                 f"{values.tolist()}.")
             if self.config.use_karras_sigmas:
                 raise ValueError("`timesteps` cannot be combined with `use_karras_sigmas=True`.")
+            timesteps = values.astype(np.int64).tolist()
         if sigmas is not None:
-            values = np.asarray(sigmas, dtype=np.float64)
-            if values.ndim != 1 or len(values) == 0 or np.any(np.diff(values) >= 0) or values.min() <= 0:
-                raise ValueError("`sigmas` must be a non-empty, strictly decreasing sequence of positive values.")
+            values = check_decreasing("sigmas", sigmas)
+            if values.min() <= 0:
+                raise ValueError(f"`sigmas` (sigmabar = sigma / alpha) must be positive, got {values.tolist()}.")
+            sigmas = values.tolist()
 
         if sigmas is None:
             self._schedule.set_timesteps(num_inference_steps=num_inference_steps, timesteps=timesteps)
@@ -301,7 +350,8 @@ class FlowMatchMomentumSchedulerBase(MomentumSchedulerBase):
     """Flow-matching geometry (SD3 / Flux): x_sigma = (1 - sigma) x0 + sigma eps, model output v = eps - x0.
     Timesteps/sigmas come from diffusers' FlowMatchEulerDiscreteScheduler with the same config."""
 
-    _compatibles = []
+    _compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
+    _unknown_timestep = "raise"
 
     def _init_flow(self) -> None:
         config = self.config
@@ -345,29 +395,31 @@ class FlowMatchMomentumSchedulerBase(MomentumSchedulerBase):
     ) -> None:
         """Build the schedule exactly like FlowMatchEulerDiscreteScheduler and reset momentum/history/indices.
 
-        Flux calls this with ``sigmas=linspace(1, 1/N, N)`` and ``mu``; SD3 with ``num_inference_steps``.
+        Flux calls this with ``sigmas=linspace(1, 1/N, N)`` and ``mu``; SD3 with ``num_inference_steps``. ``sigmas``
+        and ``timesteps`` may be passed together (same length, used as given, like FlowMatchEulerDiscrete).
         """
         if self.config.use_dynamic_shifting and mu is None:
             raise ValueError("`mu` must be passed when `use_dynamic_shifting` is True.")
         if num_inference_steps is None and sigmas is None and timesteps is None:
             raise ValueError("Pass one of `num_inference_steps`, `sigmas` or `timesteps`.")
-        if sigmas is not None and timesteps is not None:
-            raise ValueError("Pass only one of `sigmas` or `timesteps`, not both.")
+        self._check_num_inference_steps(num_inference_steps)
         num_train = self.config.num_train_timesteps
-        if num_inference_steps is not None and not 1 <= num_inference_steps <= num_train:
-            raise ValueError(
-                f"`num_inference_steps` must be in [1, num_train_timesteps={num_train}], got {num_inference_steps}."
-            )
-        for name, values in (("sigmas", sigmas), ("timesteps", timesteps)):
-            if values is None:
-                continue
-            array = np.asarray(values, dtype=np.float64)
-            if array.ndim != 1 or len(array) == 0 or np.any(np.diff(array) >= 0):
-                raise ValueError(f"`{name}` must be a non-empty, strictly decreasing sequence.")
-        if sigmas is not None and not (0.0 < min(sigmas) and max(sigmas) <= 1.0):
-            raise ValueError("`sigmas` must lie in (0, 1].")
-        if timesteps is not None and not (0.0 < min(timesteps) and max(timesteps) <= self.config.num_train_timesteps):
-            raise ValueError(f"`timesteps` must lie in (0, num_train_timesteps={self.config.num_train_timesteps}].")
+        if sigmas is not None:
+            values = check_decreasing("sigmas", sigmas)
+            if not (values.min() > 0.0 and values.max() <= 1.0):
+                raise ValueError(f"`sigmas` must lie in (0, 1], got {values.tolist()}.")
+            sigmas = values.tolist()
+        if timesteps is not None:
+            values = check_decreasing("timesteps", timesteps)
+            if not (values.min() > 0.0 and values.max() <= num_train):
+                raise ValueError(f"`timesteps` must lie in (0, num_train_timesteps={num_train}], got "
+                                 f"{values.tolist()}.")
+            timesteps = values.tolist()
+        lengths = {name: len(v) for name, v in (("sigmas", sigmas), ("timesteps", timesteps)) if v is not None}
+        if num_inference_steps is not None:
+            lengths["num_inference_steps"] = int(num_inference_steps)
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"`sigmas`, `timesteps` and `num_inference_steps` must agree in length, got {lengths}.")
         self._schedule.set_timesteps(
             num_inference_steps=num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (see schedulers/__init__.py)
 
 from .multistep_base import VPMomentumSchedulerBase
 from .slope_methods import DPMSolverHeavyBallMixin

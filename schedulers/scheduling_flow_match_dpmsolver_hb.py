@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (see schedulers/__init__.py)
 
 from .multistep_base import FlowMatchMomentumSchedulerBase
 from .slope_methods import DPMSolverHeavyBallMixin

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (see schedulers/__init__.py)
 
 from .multistep_base import FlowMatchMomentumSchedulerBase
 from .slope_methods import GHVBMixin
@@ -12,8 +13,10 @@ class FlowMatchGHVBScheduler(GHVBMixin, FlowMatchMomentumSchedulerBase):
     """GHVB-k on the flow-matching ODE dx/dsigma = v (SD3, Flux). Order 1 with beta = 1 is
     FlowMatchEulerDiscreteScheduler; see ``GHVBScheduler`` for the method.
 
-    Config keys are those of diffusers' FlowMatchEulerDiscreteScheduler plus ``solver_order``, ``momentum_beta``
-    (damping beta in (0, 1]; smaller = more momentum), ``coefficients`` ('variable' | 'fixed'), so
+    Config keys are those of diffusers' FlowMatchEulerDiscreteScheduler plus ``multistep_order`` (1-4; named apart
+    from DPM-Solver's ``solver_order``, whose range is 1-3), ``momentum_beta`` (damping beta in (0, 1]; smaller =
+    more momentum), ``coefficients`` ('variable' | 'fixed'), ``final_step`` ('multistep': the method's own formula,
+    the paper's; 'dpmsolver++': a DPM-Solver++ data-form last step, see docs/schedulers.md), so
     ``FlowMatchGHVBScheduler.from_config(pipe.scheduler.config)`` works.
     """
 
@@ -34,9 +37,10 @@ class FlowMatchGHVBScheduler(GHVBMixin, FlowMatchMomentumSchedulerBase):
         use_beta_sigmas: bool = False,
         time_shift_type: str = "exponential",
         stochastic_sampling: bool = False,
-        solver_order: int = 4,
+        multistep_order: int = 4,
         momentum_beta: float = 0.8,
         coefficients: str = "variable",
+        final_step: str = "multistep",
         lower_order_final: bool = False,
     ):
         self._init_slope_method()

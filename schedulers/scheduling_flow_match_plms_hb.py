@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (see schedulers/__init__.py)
 
 from .multistep_base import FlowMatchMomentumSchedulerBase
 from .slope_methods import PLMSHeavyBallMixin
@@ -11,8 +12,10 @@ from .slope_methods import PLMSHeavyBallMixin
 class FlowMatchPLMSHeavyBallScheduler(PLMSHeavyBallMixin, FlowMatchMomentumSchedulerBase):
     """PLMS-k + Heavy Ball on the flow-matching ODE dx/dsigma = v (SD3, Flux).
 
-    Config keys are those of diffusers' FlowMatchEulerDiscreteScheduler plus ``solver_order``, ``momentum_beta``
-    (damping beta in (0, 1]; smaller = more momentum), ``coefficients`` ('variable' | 'fixed'), so
+    Config keys are those of diffusers' FlowMatchEulerDiscreteScheduler plus ``multistep_order`` (1-4; named apart
+    from DPM-Solver's ``solver_order``, whose range is 1-3), ``momentum_beta`` (damping beta in (0, 1]; smaller =
+    more momentum), ``coefficients`` ('variable' | 'fixed'), ``final_step`` ('multistep': the method's own formula,
+    the paper's; 'dpmsolver++': a DPM-Solver++ data-form last step, see docs/schedulers.md), so
     ``FlowMatchPLMSHeavyBallScheduler.from_config(pipe.scheduler.config)`` works.
     """
 
@@ -33,9 +36,10 @@ class FlowMatchPLMSHeavyBallScheduler(PLMSHeavyBallMixin, FlowMatchMomentumSched
         use_beta_sigmas: bool = False,
         time_shift_type: str = "exponential",
         stochastic_sampling: bool = False,
-        solver_order: int = 4,
+        multistep_order: int = 4,
         momentum_beta: float = 0.8,
         coefficients: str = "variable",
+        final_step: str = "multistep",
         lower_order_final: bool = False,
     ):
         self._init_slope_method()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (see schedulers/__init__.py)
 
 from .multistep_base import VPMomentumSchedulerBase
 from .slope_methods import PLMSHeavyBallMixin
@@ -14,9 +15,13 @@ class PLMSHeavyBallScheduler(PLMSHeavyBallMixin, VPMomentumSchedulerBase):
 
     beta = 1 is PLMS-k; beta < 1 is first order but much more stable at high guidance.
 
-    Config keys are those of diffusers' DPMSolverMultistepScheduler plus ``solver_order``, ``momentum_beta``
-    (damping beta in (0, 1]; smaller = more momentum), ``coefficients`` ('variable' | 'fixed'), so
-    ``PLMSHeavyBallScheduler.from_config(pipe.scheduler.config)`` works.
+    Config keys are those of diffusers' DPMSolverMultistepScheduler plus ``multistep_order`` (1-4; named apart from
+    DPM-Solver's ``solver_order``, whose range is 1-3), ``momentum_beta`` (damping beta in (0, 1]; smaller = more
+    momentum), ``coefficients`` ('variable' | 'fixed'), ``final_step`` ('multistep': the method's own formula, the
+    paper's; 'dpmsolver++': a DPM-Solver++ data-form last step, see docs/schedulers.md), so
+    ``PLMSHeavyBallScheduler.from_config(pipe.scheduler.config)`` works. ``final_sigmas_type`` defaults to
+    'sigma_min' (end at sigmabar(t=0), like DDIM / PNDM / DEIS): the last multistep step then stays short
+    (docs/schedulers.md).
     """
 
     @register_to_config
@@ -27,15 +32,16 @@ class PLMSHeavyBallScheduler(PLMSHeavyBallMixin, VPMomentumSchedulerBase):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas: np.ndarray | list[float] | None = None,
-        solver_order: int = 4,
+        multistep_order: int = 4,
         momentum_beta: float = 0.8,
         coefficients: str = "variable",
+        final_step: str = "multistep",
         prediction_type: str = "epsilon",
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
         use_karras_sigmas: bool = False,
-        final_sigmas_type: str = "zero",
+        final_sigmas_type: str = "sigma_min",
         lower_order_final: bool = False,
     ):
         self._init_slope_method()

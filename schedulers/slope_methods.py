@@ -22,34 +22,83 @@ from .momentum import (
     ghvb_variable_coefficients,
     noise_form_coefficients,
 )
-from .multistep_base import COEFFICIENT_TYPES, check_choice, check_order_and_beta, linear_combination
+from .multistep_base import (
+    COEFFICIENT_TYPES,
+    FINAL_STEP_TYPES,
+    check_choice,
+    check_order_and_beta,
+    linear_combination,
+)
 
 
 class _SlopeMethodMixin:
     """Common slope-form step; subclasses define ``_combined_slope``."""
 
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        # diffusers would silently drop an unknown override; the order key used to be called solver_order
+        if "solver_order" in kwargs:
+            raise ValueError(f"{cls.__name__} takes `multistep_order` (1-4), not `solver_order` (DPM-Solver's key), "
+                             f"got solver_order={kwargs['solver_order']!r}.")
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     def _init_slope_method(self) -> None:
-        check_order_and_beta(self.config.solver_order, self.config.momentum_beta, max_order=4)
+        check_order_and_beta(self, "multistep_order", max_order=4)
         check_choice("coefficients", self.config.coefficients, COEFFICIENT_TYPES)
+        check_choice("final_step", self.config.final_step, FINAL_STEP_TYPES)
 
     def _reset_algorithm_state(self) -> None:
         self._slopes = []  # raw slopes (or GHVB-fixed velocities), newest first
         self._previous_combined = None  # the combined slope used by the previous step
+        self._previous_data = None  # data prediction x0 of the previous node (for final_step="dpmsolver++")
+
+    # fewer steps than this: the data-form final step is first order (DPM-Solver++(1) = DDIM), as DPM-Solver's
+    # lower_order_final does below 15 steps; measured best threshold on the GMM benchmark (docs/schedulers.md)
+    _SECOND_ORDER_FINAL_MIN_STEPS = 10
+
+    def _data_form_final_step(self, data, sample, index):
+        """DPM-Solver++(2M) step in the data form ([P] Eq. 3) from x0 of this and the previous node, no momentum.
+
+        Near the data the noise/velocity slope changes fast while x0 barely moves, so an exponential-integrator last
+        step is far more accurate than a polynomial extrapolation of the slope (measured: docs/schedulers.md).
+        """
+        steps = self.num_inference_steps
+        first_order = steps < self._SECOND_ORDER_FINAL_MIN_STEPS or (self.config.lower_order_final and steps < 15)
+        if self._previous_data is None or first_order:
+            direction = data
+        else:
+            weight = dpm_solver_2m_weight(
+                self._alpha[index - 1], self._sigma[index - 1], self._alpha[index], self._sigma[index],
+                self._alpha[index + 1], self._sigma[index + 1],
+            )
+            direction = data + weight * (data - self._previous_data)
+        scale, step = data_form_coefficients(
+            self._alpha[index], self._sigma[index], self._alpha[index + 1], self._sigma[index + 1]
+        )
+        return scale * sample + step * direction
 
     def _current_order(self, index: int, available: int) -> int:
         if self._is_forced_first_order_final(index):
             return 1
-        return min(self.config.solver_order, available)
+        return min(self.config.multistep_order, available)
 
     def _advance(self, model_output, sample, index):
         slope = self._to_slope(model_output, sample, index)
+        if self._grid[index + 1] == self._grid[index]:
+            # zero-length step (Karras or custom timesteps ending at t = 0 with final_sigmas_type="sigma_min"): a no-op,
+            # as in DPMSolverMultistep; it can only be the last step, so the history needs no update
+            return sample.clone(), self._slope_to_data(slope, sample, index)
+        data = self._slope_to_data(slope, sample, index)
+        if self.config.final_step == "dpmsolver++" and index == self.num_inference_steps - 1:
+            return self._data_form_final_step(data, sample, index), data
+        self._previous_data = data
         combined = self._combined_slope(slope, index)
         self._previous_combined = combined
         scale, step = noise_form_coefficients(
             self._grid_alpha[index], self._grid[index], self._grid_alpha[index + 1], self._grid[index + 1]
         )
         prev_sample = linear_combination([step], [combined], sample, scale)
-        return prev_sample, self._slope_to_data(slope, sample, index)
+        return prev_sample, data
 
 
 class GHVBMixin(_SlopeMethodMixin):
@@ -60,11 +109,11 @@ class GHVBMixin(_SlopeMethodMixin):
         beta = float(self.config.momentum_beta)
         if self.config.coefficients == "fixed":
             velocity = slope if not self._slopes else (1.0 - beta) * self._slopes[0] + beta * slope
-            self._slopes = [velocity] + self._slopes[: self.config.solver_order - 1]
+            self._slopes = [velocity] + self._slopes[: self.config.multistep_order - 1]
             order = self._current_order(index, len(self._slopes))
             weights = [w / beta for w in ghvb_mixer_table(order, beta)]
             return linear_combination(weights, self._slopes)
-        self._slopes = [slope] + self._slopes[: self.config.solver_order - 1]
+        self._slopes = [slope] + self._slopes[: self.config.multistep_order - 1]
         if self._previous_combined is None:
             return slope  # first step: ehat_0 = e_0 (Euler / DDIM)
         order = self._current_order(index, len(self._slopes))
@@ -78,7 +127,7 @@ class PLMSHeavyBallMixin(_SlopeMethodMixin):
 
     def _combined_slope(self, slope, index):
         beta = float(self.config.momentum_beta)
-        self._slopes = [slope] + self._slopes[: self.config.solver_order - 1]
+        self._slopes = [slope] + self._slopes[: self.config.multistep_order - 1]
         order = self._current_order(index, len(self._slopes))
         if self.config.coefficients == "fixed":
             weights = adams_bashforth_table(order)
@@ -102,7 +151,7 @@ class DPMSolverHeavyBallMixin:
     """
 
     def _init_dpm_method(self) -> None:
-        check_order_and_beta(self.config.solver_order, self.config.momentum_beta, max_order=2)
+        check_order_and_beta(self, "solver_order", max_order=2)
 
     def _reset_algorithm_state(self) -> None:
         self._previous_data = None

@@ -109,8 +109,8 @@ def _plms_reference(sigma_bars, x_init, model, order, adaptive):
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 @pytest.mark.parametrize("coefficients", ["fixed", "variable"])
 def test_beta_one_is_plms(cls, order, coefficients):
-    scheduler = cls(**SD_SCHEDULE, solver_order=order, momentum_beta=1.0, coefficients=coefficients,
-                    use_karras_sigmas=True)
+    scheduler = cls(**SD_SCHEDULE, multistep_order=order, momentum_beta=1.0, coefficients=coefficients,
+                    use_karras_sigmas=True, final_sigmas_type="zero")
     scheduler.set_timesteps(12)
     x_init = _x_init()
     got = _run(scheduler, x_init)
@@ -158,7 +158,7 @@ def test_dpmsolver_hb_momentum_changes_result_and_euler_at_final():
 
 def test_flow_ghvb_order_one_beta_one_is_flow_match_euler():
     config = dict(shift=3.0)
-    ours = FlowMatchGHVBScheduler(**config, solver_order=1, momentum_beta=1.0)
+    ours = FlowMatchGHVBScheduler(**config, multistep_order=1, momentum_beta=1.0)
     reference = FlowMatchEulerDiscreteScheduler(**config)
     ours.set_timesteps(7)
     reference.set_timesteps(7)
@@ -198,6 +198,7 @@ def _quadratic_grid(n):
 
 def _observed_order(cls, grid_fn, n, **config):
     x_bar_init = torch.linspace(-2.0, 2.0, 5, dtype=torch.float64) * SIGMA_BAR_MAX
+    config = {"final_sigmas_type": "zero", **config}  # the exact solution is taken at sigmabar = 0
     errors = [_gaussian_endpoint_error(cls(**SD_SCHEDULE, **config), grid_fn(m), x_bar_init) for m in (n, 2 * n)]
     return math.log2(errors[0] / errors[1])
 
@@ -213,22 +214,23 @@ def _observed_order(cls, grid_fn, n, **config):
     (1, _quadratic_grid, 40), (2, _quadratic_grid, 40), (3, _quadratic_grid, 40), (4, _quadratic_grid, 40),
 ])
 def test_ghvb_variable_keeps_order_k(order, grid_fn, n):
-    q = _observed_order(GHVBScheduler, grid_fn, n, solver_order=order, momentum_beta=0.7, coefficients="variable")
+    q = _observed_order(GHVBScheduler, grid_fn, n, multistep_order=order, momentum_beta=0.7, coefficients="variable")
     assert q > order - 0.3, q
 
 
 @pytest.mark.parametrize("order", [3, 4])
 def test_ghvb_fixed_drops_to_second_order_on_nonuniform_grid(order):
-    q = _observed_order(GHVBScheduler, _quadratic_grid, 40, solver_order=order, momentum_beta=0.7,
+    q = _observed_order(GHVBScheduler, _quadratic_grid, 40, multistep_order=order, momentum_beta=0.7,
                         coefficients="fixed")
     assert 1.7 < q < 2.5, q
 
 
 @pytest.mark.parametrize("cls", [PLMSHeavyBallScheduler, DPMSolverHeavyBallScheduler])
 def test_heavy_ball_below_one_is_first_order(cls):
-    q = _observed_order(cls, _quadratic_grid, 40, solver_order=2, momentum_beta=0.6)
+    order_key = "solver_order" if cls is DPMSolverHeavyBallScheduler else "multistep_order"
+    q = _observed_order(cls, _quadratic_grid, 40, **{order_key: 2}, momentum_beta=0.6)
     assert 0.7 < q < 1.3, q
-    q_base = _observed_order(cls, _quadratic_grid, 40, solver_order=2, momentum_beta=1.0)
+    q_base = _observed_order(cls, _quadratic_grid, 40, **{order_key: 2}, momentum_beta=1.0)
     assert q_base > 1.7, q_base
 
 
@@ -279,13 +281,44 @@ def _flow_observed_order(cls, n, **config):
 # The flow ODE starts at sigma = 1 where the trajectory is already curved, so the lower-order warm-up caps every
 # GHVB order at 2 here (measured 2.14 / 2.31 for k = 4 / 3 at N = 40 -> 80); orders 1-2 and first-order HB are clean.
 @pytest.mark.parametrize(("cls", "config", "low", "high"), [
-    (FlowMatchGHVBScheduler, dict(solver_order=1, momentum_beta=0.7), 0.8, 1.2),
-    (FlowMatchGHVBScheduler, dict(solver_order=2, momentum_beta=0.7), 1.8, 2.2),
-    (FlowMatchGHVBScheduler, dict(solver_order=4, momentum_beta=0.7), 1.9, 3.0),
-    (FlowMatchPLMSHeavyBallScheduler, dict(solver_order=2, momentum_beta=0.6), 0.8, 1.2),
+    (FlowMatchGHVBScheduler, dict(multistep_order=1, momentum_beta=0.7), 0.8, 1.2),
+    (FlowMatchGHVBScheduler, dict(multistep_order=2, momentum_beta=0.7), 1.8, 2.2),
+    (FlowMatchGHVBScheduler, dict(multistep_order=4, momentum_beta=0.7), 1.9, 3.0),
+    (FlowMatchPLMSHeavyBallScheduler, dict(multistep_order=2, momentum_beta=0.6), 0.8, 1.2),
     (FlowMatchDPMSolverHeavyBallScheduler, dict(solver_order=2, momentum_beta=0.6), 0.8, 1.2),
     (FlowMatchDPMSolverHeavyBallScheduler, dict(solver_order=2, momentum_beta=1.0), 1.8, 3.5),
 ])
 def test_flow_convergence_orders(cls, config, low, high):
     q = _flow_observed_order(cls, 40, **config)
     assert low < q < high, q
+
+
+# ----------------------------------------------------------------------------------------------- data-form final step
+def _lambda(alpha_bar: float) -> float:
+    return 0.5 * math.log(alpha_bar / (1.0 - alpha_bar))
+
+
+@pytest.mark.parametrize("cls", [GHVBScheduler, PLMSHeavyBallScheduler])
+@pytest.mark.parametrize(("steps", "second_order"), [(12, True), (8, False)])
+def test_dpmsolver_final_step_is_dpm_solver_plus_plus(cls, steps, second_order):
+    """final_step="dpmsolver++": the last step is DPM-Solver++ (2M from 10 steps on, 1 below) in the data form,
+    x' = (sigma'/sigma) x - alpha' (e^{-h} - 1) D, D = x0_n + h/(2 h_prev) (x0_n - x0_{n-1})."""
+    scheduler = cls(**SD_SCHEDULE, momentum_beta=0.8, final_step="dpmsolver++", final_sigmas_type="sigma_min",
+                    timestep_spacing="trailing")
+    scheduler.set_timesteps(steps)
+    sample = _x_init()
+    data = []
+    for t in scheduler.timesteps[:-1]:
+        output = scheduler.step(_toy_model(sample, t), t, sample)
+        data.append(output.pred_original_sample)
+        sample = output.prev_sample
+    t_prev, t_last = int(scheduler.timesteps[-2]), int(scheduler.timesteps[-1])
+    last = scheduler.step(_toy_model(sample, t_last), t_last, sample)
+    alphas_cumprod = scheduler.alphas_cumprod.double()
+    a_prev, a, a_next = (float(alphas_cumprod[t]) for t in (t_prev, t_last, 0))
+    h_prev, h = _lambda(a) - _lambda(a_prev), _lambda(a_next) - _lambda(a)
+    x0 = last.pred_original_sample.double()
+    direction = x0 + (h / (2 * h_prev)) * (x0 - data[-1].double()) if second_order else x0
+    expected = (math.sqrt(1 - a_next) / math.sqrt(1 - a)) * sample.double() \
+        - math.sqrt(a_next) * (math.exp(-h) - 1) * direction
+    torch.testing.assert_close(last.prev_sample.double(), expected, atol=1e-5, rtol=1e-5)
