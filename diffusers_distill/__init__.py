@@ -1,12 +1,17 @@
 """diffusers-distill: fast sampling and few-step distillation for Hugging Face diffusers.
 
 Every public class is importable from the top level (``from diffusers_distill import GHVBScheduler``);
-the heavy submodules are imported lazily on first access, except the schedulers (needed to reload saved pipelines).
+the heavy submodules are imported lazily on first access. The scheduler modules are registered in ``sys.modules`` as
+placeholders, so diffusers can reload saved pipelines that name them (see ``_DeferredModule``).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -76,9 +81,38 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted(_EXPORTS)
 
-# Imported eagerly (not lazily like the rest): diffusers reloads a saved pipeline whose scheduler is one of ours only if
-# the scheduler's module is already in sys.modules (see schedulers/__init__.py and docs/schedulers.md).
-from . import schedulers as _schedulers  # noqa: E402,F401
+
+
+class _DeferredModule(types.ModuleType):
+    """Stands in ``sys.modules`` for a scheduler module until one of its attributes is read.
+
+    diffusers reloads a saved pipeline whose scheduler is one of ours only if the module named in ``model_index.json``
+    (e.g. ``diffusers_distill.schedulers.scheduling_ghvb``) is already in ``sys.modules``: it never imports it itself
+    (see schedulers/__init__.py and docs/schedulers.md). Importing the real modules here would pull torch and diffusers
+    into every ``import diffusers_distill`` (and into ``train_*.py --help``). So each module gets this placeholder, which
+    imports the real module on the first attribute diffusers asks for (the class, ``SchedulerMixin``). The standard
+    library's ``importlib.util.LazyLoader`` does not fit: the modules' relative imports re-enter the package
+    ``__init__`` while the lazy module is half-executed.
+    """
+
+    def __getattr__(self, attribute: str):
+        if attribute.startswith("__") and attribute.endswith("__"):  # introspection (inspect, pickle) stays cheap
+            raise AttributeError(attribute)
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), attribute)
+
+
+def _register_scheduler_modules() -> None:
+    spec = importlib.util.find_spec(f"{__name__}.schedulers")  # locates the folder without running its __init__
+    for folder in spec.submodule_search_locations or ():
+        for filename in sorted(os.listdir(folder)):
+            if filename.startswith("scheduling_") and filename.endswith(".py"):
+                name = f"{__name__}.schedulers.{filename[:-3]}"
+                sys.modules.setdefault(name, _DeferredModule(name))
+
+
+_register_scheduler_modules()
 
 
 def __getattr__(name: str):
