@@ -469,9 +469,14 @@ def _resolve_sampling(pipe, scheduler, steps, guidance, timesteps, default_guida
     steps = 25 if steps is None else steps
     guidance = default_guidance if guidance is None else guidance
     if timesteps is not None:
+        import inspect
+
         timesteps = [int(t) for t in timesteps]
         if len(timesteps) != steps:
             raise ValueError(f"timesteps must have steps={steps} entries, got {timesteps}")
+        if scheduler == "keep" and "timesteps" not in inspect.signature(pipe.scheduler.set_timesteps).parameters:
+            raise ValueError(f"timesteps: the pipeline's {type(pipe.scheduler).__name__} does not take custom "
+                             f"timesteps; pass scheduler='ddim' (or another key) or no timesteps")
     return student, scheduler, steps, guidance, timesteps
 
 

@@ -286,3 +286,36 @@ def test_cli_offline_messages_and_nonzero_exit(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err  # one line
         assert not out.exists()  # nothing generated or written
+
+
+def test_cli_on_lora_student_loads_it_onto_its_base_model(dmd2_student_dirs, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
+    from diffusers_distill.export import StudentConfig, save_lora_student
+    from diffusers_distill.training.distill_digits import load_digits_student
+
+    teacher = StableDiffusionPipeline.from_pretrained(digits.digits_teacher_path("sd15"), local_files_only=True)
+    teacher.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+                             adapter_name="generator")  # fmt: skip
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for name, param in teacher.unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.05)
+    folder = tmp_path / "lora-student"
+    config = StudentConfig(arch="sd15", student_type="lora", num_inference_steps=1, timesteps=[999],
+                           base_model=digits.digits_teacher_path("sd15"))
+    save_lora_student(str(folder), teacher.unet, "generator", StableDiffusionPipeline, config)
+    cli_metrics = _cli_metrics(["--pipeline", str(folder), "--n_per_digit", "2"], tmp_path / "cli")
+    assert (cli_metrics["student"], cli_metrics["steps"], cli_metrics["timesteps"]) == ("dmd2", 1, [999])
+    api = evaluation.evaluate_pipeline(load_digits_student(str(folder)), scheduler=None, steps=1, guidance=0.0,
+                                       n_per_digit=2, seed=0)
+    assert cli_metrics["digits_fd"] == pytest.approx(api["digits_fd"], rel=1e-9)
+    assert api["scheduler"] == "LCMScheduler"
+    # the same 1-step sampling of the teacher's own UNet (full student without the adapter) gives other images
+    no_adapter = _cli_metrics(["--pipeline", dmd2_student_dirs[1], "--n_per_digit", "2"], tmp_path / "no_adapter")
+    assert no_adapter["timesteps"] == [999] and no_adapter["digits_fd"] != cli_metrics["digits_fd"]
+    with pytest.raises(ValueError, match="does not take custom timesteps"):  # the teacher's DDIMScheduler
+        evaluation.evaluate_pipeline(digits.digits_teacher_path("sd15"), scheduler="keep", steps=1,
+                                     timesteps=[999], n_per_digit=2)
