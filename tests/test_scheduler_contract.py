@@ -15,17 +15,11 @@ import pytest
 import torch
 from diffusers.utils import DummyObject
 
-from diffusers_distill import (
-    DPMSolverHeavyBallScheduler,
-    FlowMatchDPMSolverHeavyBallScheduler,
-    FlowMatchGHVBScheduler,
-    FlowMatchPLMSHeavyBallScheduler,
-    GHVBScheduler,
-    PLMSHeavyBallScheduler,
-)
+from diffusers_distill import GHVBScheduler
+from diffusers_distill.testing import momentum_scheduler_classes
 
-VP_CLASSES = [GHVBScheduler, PLMSHeavyBallScheduler, DPMSolverHeavyBallScheduler]
-FLOW_CLASSES = [FlowMatchGHVBScheduler, FlowMatchPLMSHeavyBallScheduler, FlowMatchDPMSolverHeavyBallScheduler]
+VP_CLASSES = momentum_scheduler_classes("vp")
+FLOW_CLASSES = momentum_scheduler_classes("flow")
 ALL_CLASSES = VP_CLASSES + FLOW_CLASSES
 SD15 = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 

@@ -4,17 +4,11 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, PNDMScheduler
 
-from diffusers_distill import (
-    DPMSolverHeavyBallScheduler,
-    FlowMatchDPMSolverHeavyBallScheduler,
-    FlowMatchGHVBScheduler,
-    FlowMatchPLMSHeavyBallScheduler,
-    GHVBScheduler,
-    PLMSHeavyBallScheduler,
-)
+from diffusers_distill import FlowMatchGHVBScheduler, GHVBScheduler, PLMSHeavyBallScheduler
+from diffusers_distill.testing import momentum_scheduler_classes
 
-VP_CLASSES = [GHVBScheduler, PLMSHeavyBallScheduler, DPMSolverHeavyBallScheduler]
-FLOW_CLASSES = [FlowMatchGHVBScheduler, FlowMatchPLMSHeavyBallScheduler, FlowMatchDPMSolverHeavyBallScheduler]
+VP_CLASSES = momentum_scheduler_classes("vp")
+FLOW_CLASSES = momentum_scheduler_classes("flow")
 ALL_CLASSES = VP_CLASSES + FLOW_CLASSES
 
 

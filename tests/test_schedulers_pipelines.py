@@ -9,17 +9,11 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
 )
 
-from diffusers_distill import (
-    DPMSolverHeavyBallScheduler,
-    FlowMatchDPMSolverHeavyBallScheduler,
-    FlowMatchGHVBScheduler,
-    FlowMatchPLMSHeavyBallScheduler,
-    GHVBScheduler,
-    PLMSHeavyBallScheduler,
-)
+from diffusers_distill import DPMSolverHeavyBallScheduler, GHVBScheduler
+from diffusers_distill.testing import momentum_scheduler_classes
 
-VP_CLASSES = [GHVBScheduler, PLMSHeavyBallScheduler, DPMSolverHeavyBallScheduler]
-FLOW_CLASSES = [FlowMatchGHVBScheduler, FlowMatchPLMSHeavyBallScheduler, FlowMatchDPMSolverHeavyBallScheduler]
+VP_CLASSES = momentum_scheduler_classes("vp")
+FLOW_CLASSES = momentum_scheduler_classes("flow")
 CALL = dict(height=32, width=32, output_type="np", guidance_scale=7.5)
 
 

@@ -15,21 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_distill import (
-    DPMSolverHeavyBallScheduler,
-    FlowMatchDPMSolverHeavyBallScheduler,
-    FlowMatchGHVBScheduler,
-    FlowMatchPLMSHeavyBallScheduler,
-    GHVBScheduler,
-    PLMSHeavyBallScheduler,
-    testing,
-)
+from diffusers_distill import testing
 
 CASES = {
-    "sd15": (testing.tiny_sd15_pipeline, [GHVBScheduler, PLMSHeavyBallScheduler, DPMSolverHeavyBallScheduler]),
-    "sdxl": (testing.tiny_sdxl_pipeline, [GHVBScheduler, PLMSHeavyBallScheduler, DPMSolverHeavyBallScheduler]),
-    "sd3": (testing.tiny_sd3_pipeline,
-            [FlowMatchGHVBScheduler, FlowMatchPLMSHeavyBallScheduler, FlowMatchDPMSolverHeavyBallScheduler]),
+    "sd15": (testing.tiny_sd15_pipeline, testing.momentum_scheduler_classes("vp")),
+    "sdxl": (testing.tiny_sdxl_pipeline, testing.momentum_scheduler_classes("vp")),
+    "sd3": (testing.tiny_sd3_pipeline, testing.momentum_scheduler_classes("flow")),
 }
 CALL = dict(num_inference_steps=4, height=32, width=32, output_type="np", guidance_scale=7.5)
 
