@@ -119,6 +119,8 @@ def main(argv=None):
     parser.add_argument("--steps", default="6,10,20")
     parser.add_argument("--guidances", default="7.5,15,25")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timestep_spacing", default="trailing", choices=["trailing", "leading", "linspace"],
+                        help="spacing of every sampler (trailing, as in docs/evaluation.md; the teacher saves leading)")
     parser.add_argument("--output_dir", default="outputs/teacher_high_guidance")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -127,7 +129,7 @@ def main(argv=None):
     steps = [int(x) for x in args.steps.split(",")]
     guidances = [float(x) for x in args.guidances.split(",")]
     pipe = DiffusionPipeline.from_pretrained(digits_teacher_path(args.arch), local_files_only=True)
-    factories = sampler_factories(pipe.scheduler.config)
+    factories = sampler_factories({**pipe.scheduler.config, "timestep_spacing": args.timestep_spacing})
     names = args.samplers.split(",") if args.samplers else list(factories)
     unknown = [n for n in names if n not in factories]
     if unknown:
@@ -147,7 +149,7 @@ def main(argv=None):
                       flush=True)
     header = (f"# Digits teacher ({args.arch}) at high guidance\n\n{args.n_per_digit} images per digit, seed "
               f"{args.seed}, samplers built with from_config on the teacher's scheduler config "
-              f"(`{pipe.scheduler.config.get('timestep_spacing')}` spacing).\n")
+              f"(`{args.timestep_spacing}` spacing).\n")
     write_atomic(os.path.join(args.output_dir, "teacher_high_guidance.md"), header + markdown(rows, steps, guidances))
     write_atomic(os.path.join(args.output_dir, "teacher_high_guidance.json"), json.dumps(rows, indent=1))
     plot(rows, guidances, os.path.join(args.output_dir, "teacher_high_guidance.png"))

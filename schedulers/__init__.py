@@ -4,8 +4,9 @@ Reloading saved pipelines: ``save_pretrained`` records a scheduler from this pac
 ``["diffusers_distill.schedulers.scheduling_ghvb", "GHVBScheduler"]`` (its defining module). diffusers imports only
 its own libraries; any other module named there is looked up in ``sys.modules`` and must expose the class *and*
 ``SchedulerMixin`` (diffusers picks the loading method by ``issubclass`` against the module's ``SchedulerMixin``).
-So each ``scheduling_*`` module imports ``SchedulerMixin``, and ``import diffusers_distill`` imports this subpackage
-(all six modules). Keep the module paths stable: saved folders and Hub repos name them.
+So each ``scheduling_*`` module imports ``SchedulerMixin``, and ``import diffusers_distill`` puts a placeholder for
+every ``scheduling_*`` module in ``sys.modules`` that imports the real one on first use (``diffusers_distill._DeferredModule``).
+Keep the module paths stable: saved folders and Hub repos name them.
 """
 
 from .scheduling_dpmsolver_hb import DPMSolverHeavyBallScheduler
