@@ -20,16 +20,15 @@ JSON file (both written atomically).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import torch
 from torch import nn
 
+from diffusers_distill.fileio import atomic_path, atomic_write_json
 from diffusers_distill.gaussian_mixture import GaussianMixture, GuidedGaussianMixture, solve_reference
 from diffusers_distill.losses import itvm_loss, lagrangian_flow_map_loss, mean_flow_loss, progressive_flow_map_loss
 
@@ -158,19 +157,6 @@ def cell(values_ed, values_rmse) -> str:
     return f"{ed:.4f}±{ed_std:.4f} / {rmse:.3f}±{rmse_std:.3f}"
 
 
-def write_atomically(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, suffix=os.path.splitext(path)[1])
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def plot(results: dict, path: str) -> None:
     import matplotlib
 
@@ -182,8 +168,15 @@ def plot(results: dict, path: str) -> None:
         for axis, metric in zip(axes, ("ed", "rmse")):
             means = [mean_std(rows[str(k)][metric])[0] for k in STEPS]
             stds = [mean_std(rows[str(k)][metric])[1] for k in STEPS]
-            axis.errorbar(STEPS, [max(m, 1e-5) for m in means], yerr=stds, marker="o", capsize=3, label=name,
-                          linestyle="--" if name.startswith("teacher") else "-")
+            axis.errorbar(
+                STEPS,
+                [max(m, 1e-5) for m in means],
+                yerr=stds,
+                marker="o",
+                capsize=3,
+                label=name,
+                linestyle="--" if name.startswith("teacher") else "-",
+            )
     for axis, label in zip(axes, ("energy distance (clipped at 1e-5)", "pathwise RMSE to the exact map")):
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
@@ -193,7 +186,8 @@ def plot(results: dict, path: str) -> None:
     axes[1].legend(fontsize=8)
     figure.suptitle("Flow-map distillation on an exact 2-D GMM (mean ± std over training seeds)")
     figure.tight_layout()
-    write_atomically(path, lambda p: figure.savefig(p, dpi=110, format="png"))
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
     plt.close(figure)
 
 
@@ -204,8 +198,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
     parser.add_argument("--eval-size", type=int, default=5000)
-    parser.add_argument("--itvm-initial-weight", type=float, default=0.0,
-                        help="weight of ITVM's explicit initial-velocity term (0: only through the diagonal pairs)")
+    parser.add_argument(
+        "--itvm-initial-weight",
+        type=float,
+        default=0.0,
+        help="weight of ITVM's explicit initial-velocity term (0: only through the diagonal pairs)",
+    )
     parser.add_argument("--output-dir", default="outputs/benchmarks")
     args = parser.parse_args(argv)
     if args.iterations < 1 or args.batch_size < 2 or args.eval_size < 2:
@@ -244,8 +242,9 @@ def main(argv=None) -> int:
         results[name] = {str(k): {"ed": [], "rmse": []} for k in STEPS}
     for seed in args.seeds:  # seed-major, so an interrupted run still has every loss for its first seeds
         for name in args.losses:
-            model, seconds, diverged = train(name, mixture, seed, args.iterations, args.batch_size,
-                                             itvm_initial_weight=args.itvm_initial_weight)
+            model, seconds, diverged = train(
+                name, mixture, seed, args.iterations, args.batch_size, itvm_initial_weight=args.itvm_initial_weight
+            )
             metrics = evaluate(lambda k, model=model: flow_map_sample(model, noise.float(), k))
             for k in STEPS:
                 results[name][str(k)]["ed"].append(metrics[str(k)]["ed"])
@@ -258,8 +257,9 @@ def main(argv=None) -> int:
 
     floor_mean, floor_std = mean_std(floor)
     print(f"\nExact 2-D GMM (8-mode ring, radius 4, std 0.25); {args.iterations} Adam steps x batch {args.batch_size} "
-          f"per run, seeds {args.seeds}; evaluation on {args.eval_size} points. Cells: energy distance / pathwise RMSE, "
-          f"mean ± std over training seeds. ED noise floor (exact vs exact): {floor_mean:.4f} ± {floor_std:.4f} "
+          f"per run, seeds {args.seeds}; evaluation on {args.eval_size} points. "
+          f"Cells: energy distance / pathwise RMSE, mean ± std over training seeds. "
+          f"ED noise floor (exact vs exact): {floor_mean:.4f} ± {floor_std:.4f} "
           "(three independent exact sets against the reference set).\n")  # fmt: skip
     print("| method | " + " | ".join(f"K={k}" for k in STEPS) + " | CPU s / run | diverged |")
     print("|---|" + "---|" * (len(STEPS) + 2))
@@ -271,12 +271,7 @@ def main(argv=None) -> int:
 
     payload = {"args": vars(args), "noise_floor_ed": floor, "results": results, "cpu_seconds": timings,
                "diverged": divergences}  # fmt: skip
-
-    def dump(path):
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=1)
-
-    write_atomically(os.path.join(args.output_dir, "flow_map_gmm.json"), dump)
+    atomic_write_json(os.path.join(args.output_dir, "flow_map_gmm.json"), payload, indent=1, sort_keys=False)
     plot(results, os.path.join(args.output_dir, "flow_map_gmm.png"))
     print(f"\nsaved {os.path.join(args.output_dir, 'flow_map_gmm.png')} and flow_map_gmm.json")
     return 0

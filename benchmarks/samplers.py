@@ -19,11 +19,11 @@ import argparse
 import json
 import math
 import os
-import tempfile
 import time
 
 import torch
 
+from diffusers_distill.fileio import atomic_write_text
 from diffusers_distill.gaussian_mixture import (
     GaussianMixture,
     compare_samplers,
@@ -41,8 +41,12 @@ SUMMARY = DEFAULTS + ("GHVB4.0", "DPM++2M+HB0.6", "PLMS4+HB0.6", "GHVB3.8 dpm-fi
 # (momentum setting, its beta = 1 base method) pairs for "where does beta < 1 pay"
 # (GHVB4.0 is PLMS-4 with variable coefficients; DPM++2M+HB at beta = 1 is diffusers' DPM++2M, tested to 1e-5)
 MOMENTUM_PAIRS = (
-    ("GHVB3.8", "GHVB4.0"), ("GHVB3.5", "GHVB4.0"), ("PLMS4+HB0.8", "GHVB4.0"), ("PLMS4+HB0.6", "GHVB4.0"),
-    ("DPM++2M+HB0.8", "DPM++2M"), ("DPM++2M+HB0.6", "DPM++2M"),
+    ("GHVB3.8", "GHVB4.0"),
+    ("GHVB3.5", "GHVB4.0"),
+    ("PLMS4+HB0.8", "GHVB4.0"),
+    ("PLMS4+HB0.6", "GHVB4.0"),
+    ("DPM++2M+HB0.8", "DPM++2M"),
+    ("DPM++2M+HB0.6", "DPM++2M"),
 )
 
 
@@ -58,8 +62,12 @@ def diffusers_samplers(config: dict) -> dict:
     return {
         "DDIM": lambda: DDIMScheduler.from_config(config),
         "PLMS (PNDM)": lambda: PNDMScheduler.from_config(config, skip_prk_steps=True),
-        "DPM++2M": lambda: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2),
-        "DPM++3M": lambda: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=3),
+        "DPM++2M": lambda: DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", solver_order=2
+        ),
+        "DPM++3M": lambda: DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", solver_order=3
+        ),
         "UniPC": lambda: UniPCMultistepScheduler.from_config(config),
         "DEIS": lambda: DEISMultistepScheduler.from_config(config),
     }
@@ -76,21 +84,31 @@ def momentum_samplers(config: dict) -> dict:
 
     def plms(beta, coefficients="variable", final_step="multistep"):
         return lambda: PLMSHeavyBallScheduler.from_config(
-            config, multistep_order=4, momentum_beta=beta, coefficients=coefficients, final_step=final_step)
+            config, multistep_order=4, momentum_beta=beta, coefficients=coefficients, final_step=final_step
+        )
 
     def ghvb(order, beta, coefficients="variable", final_step="multistep"):
         return lambda: GHVBScheduler.from_config(
-            config, multistep_order=order, momentum_beta=beta, coefficients=coefficients, final_step=final_step)
+            config, multistep_order=order, momentum_beta=beta, coefficients=coefficients, final_step=final_step
+        )
 
     def dpm(beta):
         return lambda: DPMSolverHeavyBallScheduler.from_config(config, solver_order=2, momentum_beta=beta)
 
-    samplers = {"GHVB3.8": ghvb(4, 0.8), "PLMS4+HB0.8": plms(0.8), "DPM++2M+HB0.8": dpm(0.8),
-                "GHVB4.0": ghvb(4, 1.0), "GHVB3.5": ghvb(4, 0.5), "PLMS4+HB0.6": plms(0.6), "DPM++2M+HB0.6": dpm(0.6),
-                "GHVB3.8 dpm-final": ghvb(4, 0.8, final_step="dpmsolver++"),
-                "PLMS4+HB0.8 dpm-final": plms(0.8, final_step="dpmsolver++"),
-                # the paper's constant coefficients (its reference code)
-                "PLMS4 fixed": plms(1.0, "fixed"), "GHVB3.8 fixed": ghvb(4, 0.8, "fixed")}
+    samplers = {
+        "GHVB3.8": ghvb(4, 0.8),
+        "PLMS4+HB0.8": plms(0.8),
+        "DPM++2M+HB0.8": dpm(0.8),
+        "GHVB4.0": ghvb(4, 1.0),
+        "GHVB3.5": ghvb(4, 0.5),
+        "PLMS4+HB0.6": plms(0.6),
+        "DPM++2M+HB0.6": dpm(0.6),
+        "GHVB3.8 dpm-final": ghvb(4, 0.8, final_step="dpmsolver++"),
+        "PLMS4+HB0.8 dpm-final": plms(0.8, final_step="dpmsolver++"),
+        # the paper's constant coefficients (its reference code)
+        "PLMS4 fixed": plms(1.0, "fixed"),
+        "GHVB3.8 fixed": ghvb(4, 0.8, "fixed"),
+    }
     return samplers
 
 
@@ -104,10 +122,14 @@ def problems() -> dict:
     """
     return {
         "ring": ("ring d=2 K=8 s=0.05", GaussianMixture.ring(num_components=8, dim=2, std=0.05)),
-        "sphere16": ("sphere d=16 K=16 s=0.02-0.2",
-                     GaussianMixture.sphere(num_components=16, dim=16, std=(0.02, 0.2), seed=0)),
-        "sphere32": ("sphere d=32 K=32 s=0.01-0.1",
-                     GaussianMixture.sphere(num_components=32, dim=32, std=(0.01, 0.1), seed=1)),
+        "sphere16": (
+            "sphere d=16 K=16 s=0.02-0.2",
+            GaussianMixture.sphere(num_components=16, dim=16, std=(0.02, 0.2), seed=0),
+        ),
+        "sphere32": (
+            "sphere d=32 K=32 s=0.01-0.1",
+            GaussianMixture.sphere(num_components=32, dim=32, std=(0.01, 0.1), seed=1),
+        ),
     }
 
 
@@ -166,32 +188,36 @@ def momentum_wins(rows, margin: float = 0.05) -> list[str]:
     for name, base in MOMENTUM_PAIRS:
         if (name, GUIDANCE_SCALES[0], STEPS[0]) not in table:
             continue
-        cells = [f"w={w:g}/{n}: {table[(name, w, n)]['median_error'] / table[(base, w, n)]['median_error']:.2f}x"
-                 for w in GUIDANCE_SCALES for n in STEPS
-                 if table[(name, w, n)]["median_error"] < (1 - margin) * table[(base, w, n)]["median_error"]]
-        losses = sum(table[(name, w, n)]["median_error"] > (1 + margin) * table[(base, w, n)]["median_error"]
-                     for w in GUIDANCE_SCALES for n in STEPS)
-        found.append(f"- {name} vs {base}: better in {len(cells)} / {len(GUIDANCE_SCALES) * len(STEPS)} cells, "
-                     f"worse in {losses}" + (f" (wins: {', '.join(cells)})" if cells else ""))
+        cells = [
+            f"w={w:g}/{n}: {table[(name, w, n)]['median_error'] / table[(base, w, n)]['median_error']:.2f}x"
+            for w in GUIDANCE_SCALES
+            for n in STEPS
+            if table[(name, w, n)]["median_error"] < (1 - margin) * table[(base, w, n)]["median_error"]
+        ]
+        losses = sum(
+            table[(name, w, n)]["median_error"] > (1 + margin) * table[(base, w, n)]["median_error"]
+            for w in GUIDANCE_SCALES
+            for n in STEPS
+        )
+        found.append(
+            f"- {name} vs {base}: better in {len(cells)} / {len(GUIDANCE_SCALES) * len(STEPS)} cells, "
+            f"worse in {losses}" + (f" (wins: {', '.join(cells)})" if cells else "")
+        )
     return found
 
 
-def write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(handle, "w") as f:
-        f.write(text)
-    os.replace(temporary, path)
-
-
 def report_problem(title: str, rows: list, ours: list, seconds: float, plot_path: str) -> str:
-    parts = [f"\n## {title} ({seconds:.0f} s CPU)\n",
-             ("\nMedian endpoint error (blow-up %), and ratio to the best diffusers solver at that step count "
-              "(bold: at or below it).\n")]
+    parts = [
+        f"\n## {title} ({seconds:.0f} s CPU)\n",
+        (
+            "\nMedian endpoint error (blow-up %), and ratio to the best diffusers solver at that step count "
+            "(bold: at or below it).\n"
+        ),
+    ]
     for guidance in GUIDANCE_SCALES:
-        parts.append(f"\n**w = {guidance:g}**\n\n" + summary_table(rows, guidance, [n for n in SUMMARY if n in ours])
-                     + "\n")
+        parts.append(
+            f"\n**w = {guidance:g}**\n\n" + summary_table(rows, guidance, [n for n in SUMMARY if n in ours]) + "\n"
+        )
     parts.append("\n### Where beta < 1 beats beta = 1 (by > 5%)\n\n" + "\n".join(momentum_wins(rows)) + "\n")
     parts.append(f"\nPlot: `{plot_path}`\n")
     return "".join(parts)
@@ -202,13 +228,20 @@ def main(argv=None) -> None:
     parser.add_argument("--output-dir", default="outputs/benchmarks")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--spacing", default="trailing", choices=["linspace", "leading", "trailing"])
-    parser.add_argument("--final-sigmas", default="sigma_min", choices=["sigma_min", "zero"],
-                        help="final_sigmas_type of the sigma-based schedulers; sigma_min ends every sampler at "
-                        "sigmabar(t=0) = 0.029 like DDIM/PNDM/DEIS, zero adds one big last step to sigma = 0")
+    parser.add_argument(
+        "--final-sigmas",
+        default="sigma_min",
+        choices=["sigma_min", "zero"],
+        help="final_sigmas_type of the sigma-based schedulers; sigma_min ends every sampler at "
+        "sigmabar(t=0) = 0.029 like DDIM/PNDM/DEIS, zero adds one big last step to sigma = 0",
+    )
     parser.add_argument("--problems", default="ring,sphere16,sphere32")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--from-json", default=None, help="rebuild the report and plots from a samplers_gmm.json of an "
-                        "earlier run instead of sampling again")
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        help="rebuild the report and plots from a samplers_gmm.json of an earlier run instead of sampling again",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     selected = [p.strip() for p in args.problems.split(",") if p.strip()]
@@ -219,11 +252,15 @@ def main(argv=None) -> None:
     config = dict(default_base_config(), timestep_spacing=args.spacing, final_sigmas_type=args.final_sigmas)
     theirs, ours = diffusers_samplers(config), momentum_samplers(config)
     samplers = {**theirs, **ours}
-    header = [(f"# Exact GMM sampler benchmark\n\nSD1.5 scaled_linear schedule, `{args.spacing}` spacing, "
-              f"final_sigmas_type `{args.final_sigmas}` for every sampler that has it, batch {args.batch_size}, "
-              f"seed {args.seed}; reference DOP853 rtol=atol=1e-10. Momentum rows are diffusers_distill schedulers "
-              "(variable coefficients unless 'fixed'; GHVBm = order ceil(m), beta = frac(m), GHVB4.0 = order 4 "
-              "beta 1).\n")]
+    header = [
+        (
+            f"# Exact GMM sampler benchmark\n\nSD1.5 scaled_linear schedule, `{args.spacing}` spacing, "
+            f"final_sigmas_type `{args.final_sigmas}` for every sampler that has it, batch {args.batch_size}, "
+            f"seed {args.seed}; reference DOP853 rtol=atol=1e-10. Momentum rows are diffusers_distill schedulers "
+            "(variable coefficients unless 'fixed'; GHVBm = order ceil(m), beta = frac(m), GHVB4.0 = order 4 "
+            "beta 1).\n"
+        )
+    ]
     summaries, fulls, all_rows = [], [], {}
     saved = None
     if args.from_json:
@@ -242,17 +279,26 @@ def main(argv=None) -> None:
             seconds = time.process_time() - started
         all_rows[key], all_rows[f"{key}_cpu_seconds"] = rows, seconds
         plot_path = os.path.join(args.output_dir, f"samplers_gmm_{key}.png")
-        plot_error_vs_nfe([r for r in rows if r["sampler"] in set(DIFFUSERS) | set(DEFAULTS) | {"DPM++2M+HB0.6"}],
-                          plot_path, title=title, dashed=ours, metric="median_error")
+        plot_error_vs_nfe(
+            [r for r in rows if r["sampler"] in set(DIFFUSERS) | set(DEFAULTS) | {"DPM++2M+HB0.6"}],
+            plot_path,
+            title=title,
+            dashed=ours,
+            metric="median_error",
+        )
         summaries.append(report_problem(title, rows, list(ours), seconds, plot_path))
-        fulls.append(f"\n## {title}: all samplers\n" + "".join(
-            f"\n**w = {w:g}** (median endpoint error; blow-up %)\n\n" + full_table(rows, w, list(samplers)) + "\n"
-            for w in GUIDANCE_SCALES))
+        fulls.append(
+            f"\n## {title}: all samplers\n"
+            + "".join(
+                f"\n**w = {w:g}** (median endpoint error; blow-up %)\n\n" + full_table(rows, w, list(samplers)) + "\n"
+                for w in GUIDANCE_SCALES
+            )
+        )
         print(summaries[-1], flush=True)
         # written after every problem, so an interrupted run keeps what it measured (rebuild with --from-json)
-        write_atomic(os.path.join(args.output_dir, "samplers_gmm.json"), json.dumps(all_rows, indent=0))
-    write_atomic(os.path.join(args.output_dir, "samplers_gmm.md"), "".join(header + summaries + fulls))
-    write_atomic(os.path.join(args.output_dir, "samplers_gmm.json"), json.dumps(all_rows, indent=0))
+        atomic_write_text(os.path.join(args.output_dir, "samplers_gmm.json"), json.dumps(all_rows, indent=0))
+    atomic_write_text(os.path.join(args.output_dir, "samplers_gmm.md"), "".join(header + summaries + fulls))
+    atomic_write_text(os.path.join(args.output_dir, "samplers_gmm.json"), json.dumps(all_rows, indent=0))
     print(f"\nwrote {os.path.join(args.output_dir, 'samplers_gmm.md')}")
 
 

@@ -11,7 +11,6 @@ of real digits at the same sample count), and writes ``teacher_quality.json`` + 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
@@ -19,6 +18,7 @@ import torch
 from diffusers_distill.cli import metrics_markdown
 from diffusers_distill.digits import digits_teacher_path
 from diffusers_distill.evaluation import evaluate_pipeline, real_data_fd
+from diffusers_distill.fileio import atomic_path, atomic_write_json
 
 SCHEDULERS = ("ddim", "dpmpp_2m", "unipc", "ghvb", "plms_hb", "dpmpp_hb")
 STEPS = (4, 8, 15, 25, 50)
@@ -35,8 +35,9 @@ def pivot_markdown(rows, floor: float) -> str:
         out.append("| scheduler | " + " | ".join(f"{n} steps" for n in steps) + " |")
         out.append("|---|" + "---|" * len(steps))
         for name in dict.fromkeys(r["scheduler"] for r in sub):
-            cells = {r["steps"]: f"{r['prompt_accuracy']:.2f} / {r['digits_fd']:.0f}" for r in sub
-                     if r["scheduler"] == name}  # fmt: skip
+            cells = {
+                r["steps"]: f"{r['prompt_accuracy']:.2f} / {r['digits_fd']:.0f}" for r in sub if r["scheduler"] == name
+            }
             out.append(f"| {name} | " + " | ".join(cells.get(n, "-") for n in steps) + " |")
         out.append("")
     out.append(f"Real-data floor at {rows[0]['n_images']} images: digits-FD {floor:.1f}.")
@@ -64,20 +65,23 @@ def main():
         for name in args.schedulers.split(","):
             for n in [int(x) for x in args.steps.split(",")]:
                 pipe.scheduler = base
-                m = evaluate_pipeline(pipe, scheduler=name, steps=n, guidance=w, n_per_digit=args.n_per_digit,
-                                      seed=args.seed)
+                m = evaluate_pipeline(
+                    pipe, scheduler=name, steps=n, guidance=w, n_per_digit=args.n_per_digit, seed=args.seed
+                )
                 m.pop("images")
                 rows.append(m)
-                print(f"w={w:g} {name:9s} steps={n:3d} acc={m['prompt_accuracy']:.3f} FD={m['digits_fd']:.2f}",
-                      flush=True)
+                print(
+                    f"w={w:g} {name:9s} steps={n:3d} acc={m['prompt_accuracy']:.3f} FD={m['digits_fd']:.2f}", flush=True
+                )
     floor = real_data_fd(args.n_per_digit, args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "teacher_quality.json"), "w") as f:
-        json.dump({"rows": rows, "real_data_fd": floor, "n_images": 10 * args.n_per_digit}, f, indent=1)
+    report = {"rows": rows, "real_data_fd": floor, "n_images": 10 * args.n_per_digit}
+    atomic_write_json(os.path.join(args.output_dir, "teacher_quality.json"), report, indent=1, sort_keys=False)
     print(metrics_markdown(rows))
     print(pivot_markdown(rows, floor))
-    print(f"real-data floor (digits-FD of {10 * args.n_per_digit} real train digits vs the held-out reference, "
-          f"seed {args.seed}): {floor:.2f}")
+    print(
+        f"real-data floor (digits-FD of {10 * args.n_per_digit} real train digits vs the held-out reference, "
+        f"seed {args.seed}): {floor:.2f}"
+    )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +102,9 @@ def main():
         axes[1][k].set_ylabel("digits-FD")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.output_dir, "teacher_quality.png"), dpi=100)
+    with atomic_path(os.path.join(args.output_dir, "teacher_quality.png")) as temporary:
+        fig.savefig(temporary, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,13 @@ import os
 import sys
 import time
 
+from .fileio import atomic_write_json, atomic_write_text
+
 DEMO_SCHEDULERS = ("ddim", "dpmpp_2m", "unipc", "ghvb", "plms_hb", "dpmpp_hb")
 DEMO_STEPS = (4, 8, 15)
-DEMO_GUIDANCES = (1.0, 4.0)
+# the teacher stage runs each scheduler at the bundled teacher's recommended guidance (digits.RECOMMENDED_GUIDANCE)
+# and at this high guidance, to show the accuracy / digits-FD trade-off of strong classifier-free guidance
+DEMO_HIGH_GUIDANCE = 4.0
 
 
 def _resolve_pipeline(value: str) -> str:
@@ -37,30 +41,26 @@ def _resolve_pipeline(value: str) -> str:
             raise ValueError(f"--pipeline folder {value!r} has no model_index.json (nor a student_config.json)")
         return value
     if not _looks_like_hub_id(value):
-        raise ValueError(f"--pipeline must be 'sd15', 'sdxl', a local diffusers pipeline folder or a Hub id; "
-                         f"{value!r} has no model_index.json")
+        raise ValueError(
+            f"--pipeline must be 'sd15', 'sdxl', a local diffusers pipeline folder or a Hub id; "
+            f"{value!r} has no model_index.json"
+        )
     return value
 
 
 def _write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    """``metrics.json`` as the CLI has always written it: indent 1, keys in insertion order."""
+    atomic_write_json(path, obj, indent=1, sort_keys=False)
 
 
 def metrics_markdown(rows) -> str:
     """A markdown table of evaluation rows (scheduler, steps, guidance, prompt accuracy, digits-FD, seconds)."""
     lines = ["| scheduler | steps | guidance | prompt acc. | digits-FD | seconds |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['scheduler']} | {r['steps']} | {r['guidance']:g} | {r['prompt_accuracy']:.3f} | "
-                     f"{r['digits_fd']:.2f} | {r['seconds']:.2f} |")
+        lines.append(
+            f"| {r['scheduler']} | {r['steps']} | {r['guidance']:g} | {r['prompt_accuracy']:.3f} | "
+            f"{r['digits_fd']:.2f} | {r['seconds']:.2f} |"
+        )
     floors = {(r["n_images"], r["real_data_fd"]) for r in rows if r.get("real_data_fd") is not None}
     for n, floor in sorted(floors):
         lines.append(f"\nReal-data floor: digits-FD {floor:.2f} for {n} real digits (what a perfect generator scores).")
@@ -73,15 +73,32 @@ def run_evaluate(args) -> dict:
     path = _resolve_pipeline(args.pipeline)
     scheduler = args.scheduler
     if args.prompts is not None:
-        metrics = evaluate_prompts(path, read_prompts(args.prompts), reference_dir=args.reference_dir,
-                                   clip=not args.no_clip, scheduler=scheduler, steps=args.steps, guidance=args.guidance,
-                                   n_per_prompt=args.n_per_prompt, seed=args.seed, base_model=args.base_model,
-                                   clip_model=args.clip_model, fid_weights=args.fid_weights,
-                                   grid_path=os.path.join(args.output_dir, "grid.png"))  # fmt: skip
+        metrics = evaluate_prompts(
+            path,
+            read_prompts(args.prompts),
+            reference_dir=args.reference_dir,
+            clip=not args.no_clip,
+            scheduler=scheduler,
+            steps=args.steps,
+            guidance=args.guidance,
+            n_per_prompt=args.n_per_prompt,
+            seed=args.seed,
+            base_model=args.base_model,
+            clip_model=args.clip_model,
+            fid_weights=args.fid_weights,
+            grid_path=os.path.join(args.output_dir, "grid.png"),
+        )
     else:
-        metrics = evaluate_pipeline(path, scheduler=scheduler, steps=args.steps, guidance=args.guidance,
-                                    n_per_digit=args.n_per_digit, seed=args.seed, base_model=args.base_model,
-                                    grid_path=os.path.join(args.output_dir, "grid.png"))  # fmt: skip
+        metrics = evaluate_pipeline(
+            path,
+            scheduler=scheduler,
+            steps=args.steps,
+            guidance=args.guidance,
+            n_per_digit=args.n_per_digit,
+            seed=args.seed,
+            base_model=args.base_model,
+            grid_path=os.path.join(args.output_dir, "grid.png"),
+        )
     metrics.pop("images")
     metrics["pipeline"] = path
     _write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
@@ -97,21 +114,35 @@ def stage_gaussian_mixture(output_dir: str) -> dict | None:
     samplers = demo_samplers()
     rows = compare_samplers(samplers, guidance_scales=(1.0, 7.5, 15.0), steps=(5, 10, 20), batch_size=128)
     ours = [name for name in samplers if "HB" in name or "GHVB" in name]
-    plot_error_vs_nfe(rows, os.path.join(output_dir, "gaussian_mixture_error_vs_nfe.png"), dashed=ours,
-                      metric="median_error")
+    plot_error_vs_nfe(
+        rows, os.path.join(output_dir, "gaussian_mixture_error_vs_nfe.png"), dashed=ours, metric="median_error"
+    )
     table = error_table_markdown(rows)
-    _write_text(os.path.join(output_dir, "gaussian_mixture_metrics.md"), table)
+    atomic_write_text(os.path.join(output_dir, "gaussian_mixture_metrics.md"), table)
     print(table, flush=True)
     return {"gaussian_mixture": rows}
 
 
-def stage_teacher(output_dir: str, arch: str = "sd15", schedulers=DEMO_SCHEDULERS, steps=DEMO_STEPS,
-                  guidances=DEMO_GUIDANCES, n_per_digit: int = 4, seed: int = 0) -> dict:
-    """Stage 2: the bundled digits teacher under each scheduler x steps x guidance; one grid per run."""
+def stage_teacher(
+    output_dir: str,
+    arch: str = "sd15",
+    schedulers=DEMO_SCHEDULERS,
+    steps=DEMO_STEPS,
+    guidances=None,
+    n_per_digit: int = 4,
+    seed: int = 0,
+) -> dict:
+    """Stage 2: the bundled digits teacher under each scheduler x steps x guidance; one grid per run.
+
+    ``guidances`` defaults to the teacher's recommended guidance and ``DEMO_HIGH_GUIDANCE``.
+    """
     from diffusers import DiffusionPipeline
 
-    from .digits import digits_teacher_path
+    from .digits import RECOMMENDED_GUIDANCE, digits_teacher_path
     from .evaluation import evaluate_pipeline
+
+    if guidances is None:
+        guidances = (RECOMMENDED_GUIDANCE[arch], DEMO_HIGH_GUIDANCE)
 
     pipe = DiffusionPipeline.from_pretrained(digits_teacher_path(arch), local_files_only=True)
     base_scheduler = pipe.scheduler
@@ -120,20 +151,38 @@ def stage_teacher(output_dir: str, arch: str = "sd15", schedulers=DEMO_SCHEDULER
         for n in steps:
             for w in guidances:
                 pipe.scheduler = base_scheduler
-                m = evaluate_pipeline(pipe, scheduler=name, steps=n, guidance=w, n_per_digit=n_per_digit, seed=seed,
-                                      grid_path=os.path.join(output_dir, "grids", f"{arch}_{name}_{n}steps_w{w:g}.png"))
+                m = evaluate_pipeline(
+                    pipe,
+                    scheduler=name,
+                    steps=n,
+                    guidance=w,
+                    n_per_digit=n_per_digit,
+                    seed=seed,
+                    grid_path=os.path.join(output_dir, "grids", f"{arch}_{name}_{n}steps_w{w:g}.png"),
+                )
                 m.pop("images")
                 rows.append(m)
-                print(f"[demo] {arch} {name:9s} steps={n:3d} w={w:g}: acc={m['prompt_accuracy']:.3f} "
-                      f"FD={m['digits_fd']:.2f}", flush=True)
+                print(
+                    f"[demo] {arch} {name:9s} steps={n:3d} w={w:g}: acc={m['prompt_accuracy']:.3f} "
+                    f"FD={m['digits_fd']:.2f}",
+                    flush=True,
+                )
     pipe.scheduler = base_scheduler
-    _write_text(os.path.join(output_dir, f"teacher_{arch}_metrics.md"), metrics_markdown(rows))
+    atomic_write_text(os.path.join(output_dir, f"teacher_{arch}_metrics.md"), metrics_markdown(rows))
     return {f"teacher_{arch}": rows}
 
 
 # The demo's DMD2 run (docs/dmd2.md, "Results on the bundled digits teacher"): a full 1-step student with an EMA.
-DEMO_DISTILL = dict(num_student_steps=1, max_train_steps=3000, student_type="full", learning_rate=1e-4,
-                    guidance_learning_rate=3e-4, real_guidance_scale=2.0, use_ema=True, ema_decay=0.999)
+DEMO_DISTILL = dict(
+    num_student_steps=1,
+    max_train_steps=3000,
+    student_type="full",
+    learning_rate=1e-4,
+    guidance_learning_rate=3e-4,
+    real_guidance_scale=2.0,
+    use_ema=True,
+    ema_decay=0.999,
+)
 
 
 def distill_markdown(summary: dict) -> str:
@@ -141,9 +190,12 @@ def distill_markdown(summary: dict) -> str:
     from .training.distill_digits import result_row, results_markdown
 
     teacher, student = summary["teacher"], summary["student"]
-    rows = [result_row(f"teacher DDIM (CFG {teacher['guidance']:g})", teacher),
-            result_row(f"DMD2 student ({summary['student_type']}, {summary['global_step']} it.)", student,
-                       summary["train_seconds"])]  # fmt: skip
+    rows = [
+        result_row(f"teacher DDIM (CFG {teacher['guidance']:g})", teacher),
+        result_row(
+            f"DMD2 student ({summary['student_type']}, {summary['global_step']} it.)", student, summary["train_seconds"]
+        ),
+    ]
     return results_markdown(rows, teacher["digits_fd"])
 
 
@@ -156,10 +208,11 @@ def stage_distill(output_dir: str, n_per_digit: int = 10, seed: int = 0, **overr
     from .training.distill_digits import distill_digits_teacher
 
     options = {**DEMO_DISTILL, **overrides}
-    summary = distill_digits_teacher(os.path.join(output_dir, "dmd2_1step"), n_per_digit=n_per_digit, seed=seed,
-                                     **options)  # fmt: skip
+    summary = distill_digits_teacher(
+        os.path.join(output_dir, "dmd2_1step"), n_per_digit=n_per_digit, seed=seed, **options
+    )
     table = distill_markdown(summary)
-    _write_text(os.path.join(output_dir, "dmd2_metrics.md"), table)
+    atomic_write_text(os.path.join(output_dir, "dmd2_metrics.md"), table)
     print(table, flush=True)
     return {"dmd2_1step": summary}
 
@@ -187,7 +240,7 @@ def run_demo(args) -> dict:
     if "dmd2_1step" in results:
         sections.append("## DMD2 1-step student\n\n" + distill_markdown(results["dmd2_1step"]))
     if sections:
-        _write_text(os.path.join(args.output_dir, "metrics.md"), "\n".join(sections))
+        atomic_write_text(os.path.join(args.output_dir, "metrics.md"), "\n".join(sections))
     return results
 
 
@@ -196,25 +249,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="diffusers-distill", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    ev = sub.add_parser("evaluate", help="digits metrics (or FID / CLIP score with --prompts) of a pipeline, "
-                                         "with a sample grid and metrics.json")
-    ev.add_argument("--pipeline", default="sd15",
-                    help="'sd15', 'sdxl' (bundled teachers), a pipeline or saved-student folder, or a Hub id")
-    ev.add_argument("--scheduler", default="auto", choices=["auto", "keep", *sorted(SCHEDULERS)],
-                    help="'keep': the pipeline's own scheduler (and a student's timesteps); 'auto' (default): keep "
-                         "for distilled students, ddim (trailing spacing) otherwise")
+    ev = sub.add_parser(
+        "evaluate",
+        help="digits metrics (or FID / CLIP score with --prompts) of a pipeline, with a sample grid and metrics.json",
+    )
+    ev.add_argument(
+        "--pipeline",
+        default="sd15",
+        help="'sd15', 'sdxl' (bundled teachers), a pipeline or saved-student folder, or a Hub id",
+    )
+    ev.add_argument(
+        "--scheduler",
+        default="auto",
+        choices=["auto", "keep", *sorted(SCHEDULERS)],
+        help="'keep': the pipeline's own scheduler (and a student's timesteps); 'auto' (default): keep "
+        "for distilled students, ddim (trailing spacing) otherwise",
+    )
     ev.add_argument("--steps", type=int, default=None, help="default: the student's steps, else 25")
-    ev.add_argument("--guidance", type=float, default=None,
-                    help="default: the student's guidance, else the bundled teacher's recommended one (digits) or "
-                         "7.5 (--prompts)")
+    ev.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="default: the student's guidance, else the bundled teacher's recommended one (digits) or 7.5 (--prompts)",
+    )
     ev.add_argument("--n_per_digit", type=int, default=10)
     ev.add_argument("--base_model", default=None, help="base pipeline of a LoRA student (default: its config's)")
     ev.add_argument("--prompts", default=None, help="text file, one prompt per line: FID / CLIP score mode")
     ev.add_argument("--reference_dir", default=None, help="folder of real images for FID (with --prompts)")
     ev.add_argument("--n_per_prompt", type=int, default=1)
     ev.add_argument("--no_clip", action="store_true", help="skip the CLIP score (with --prompts)")
-    ev.add_argument("--clip_model", default="openai/clip-vit-large-patch14",
-                    help="CLIP model (Hub id in the local cache, or folder) for the CLIP score")
+    ev.add_argument(
+        "--clip_model",
+        default="openai/clip-vit-large-patch14",
+        help="CLIP model (Hub id in the local cache, or folder) for the CLIP score",
+    )
     ev.add_argument("--fid_weights", default=None, help="local path of torch-fidelity's Inception weights for FID")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--output_dir", default="outputs/eval")

@@ -3,9 +3,10 @@
 Metrics for generated images given the digit each prompt asked for:
 
 * **prompt accuracy** - fraction of images the bundled digit classifier labels as the prompted digit;
-* **digits-FD** - the Frechet distance (Heusel et al. 2017, eq. 6: ``|mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2})``)
-  between Gaussians fitted to the classifier's penultimate features of generated and held-out real digits,
-  i.e. FID with a digits classifier in place of Inception;
+* **digits-FD** - the Frechet distance
+  (Heusel et al. 2017, eq. 6: ``|mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2})``) between Gaussians fitted to
+  the classifier's penultimate features of generated and held-out real digits, i.e. FID with a digits classifier
+  in place of Inception;
 * **MSE / PSNR** between teacher and student images made from the same noise (agreement);
 * the **real-data floor** (:func:`real_data_fd`): the digits-FD that real digits, not in the reference set, score at
   the same sample count - what a perfect generator would reach.
@@ -27,7 +28,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .digits import IMAGE_SIZE, digit_prompt, digits_classifier_path, load_digits_split
+from .fileio import atomic_path, atomic_write_json
 
 __all__ = [
     "DigitClassifier",
@@ -73,9 +74,15 @@ class DigitClassifier(nn.Module):
         super().__init__()
         self.config = {"channels": channels, "feature_dim": feature_dim}
         self.conv = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * channels, 2 * channels, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+            nn.Conv2d(1, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(channels, 2 * channels, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * channels, 2 * channels, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
         )
         self.fc = nn.Linear(2 * channels * 16, feature_dim)
         self.head = nn.Linear(feature_dim, 10)
@@ -101,7 +108,9 @@ def _random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 
 
 
 def train_digit_classifier(epochs: int = 15, batch_size: int = 64, lr: float = 2e-3, seed: int = 0):
-    """Train :class:`DigitClassifier` on the ``train`` split (random 2-pixel shifts); returns ``(model, held-out acc)``."""
+    """Train :class:`DigitClassifier` on the ``train`` split (random 2-pixel shifts).
+
+    Returns ``(model, held-out accuracy)``."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     images, labels = load_digits_split("train", channels=1)
@@ -126,17 +135,10 @@ def save_digit_classifier(model: DigitClassifier, path: str, extra: dict | None 
     """Write weights (safetensors) and ``<path>.json`` config atomically."""
     from safetensors.torch import save_file
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600 files; shipped assets must be world-readable
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
     config_path = os.path.splitext(path)[0] + ".json"
-    with open(config_path + ".tmp", "w") as f:
-        json.dump({**model.config, **(extra or {})}, f, indent=1)
-    os.replace(config_path + ".tmp", config_path)
+    atomic_write_json(config_path, {**model.config, **(extra or {})}, indent=1, sort_keys=False)
 
 
 _CLASSIFIER_CACHE: dict = {}
@@ -149,8 +151,10 @@ def load_digit_classifier(path: str | None = None) -> DigitClassifier:
     path = path or digits_classifier_path()
     if path not in _CLASSIFIER_CACHE:
         if not os.path.isfile(path):
-            raise ValueError(f"classifier path {path!r} does not exist; train it with "
-                             "`python -m diffusers_distill.training.train_digits_classifier`")
+            raise ValueError(
+                f"classifier path {path!r} does not exist; train it with "
+                "`python -m diffusers_distill.training.train_digits_classifier`"
+            )
         with open(os.path.splitext(path)[0] + ".json") as f:
             config = json.load(f)
         model = DigitClassifier(channels=config["channels"], feature_dim=config["feature_dim"])
@@ -227,7 +231,9 @@ def _real_data_fd(n_per_digit, seed, classifier):
     for digit in range(10):
         candidates = torch.nonzero(labels == digit).flatten()
         if n_per_digit > len(candidates):
-            raise ValueError(f"n_per_digit must be <= {len(candidates)} (train images of digit {digit}), got {n_per_digit}")
+            raise ValueError(
+                f"n_per_digit must be <= {len(candidates)} (train images of digit {digit}), got {n_per_digit}"
+            )
         picks.append(candidates[torch.randperm(len(candidates), generator=g)[:n_per_digit]])
     return digits_fd(images[torch.cat(picks)], classifier)
 
@@ -235,7 +241,9 @@ def _real_data_fd(n_per_digit, seed, classifier):
 def image_mse(images: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean squared error between two image batches in ``[-1, 1]``."""
     if images.shape != reference.shape:
-        raise ValueError(f"images and reference must have the same shape: {tuple(images.shape)} vs {tuple(reference.shape)}")
+        raise ValueError(
+            f"images and reference must have the same shape: {tuple(images.shape)} vs {tuple(reference.shape)}"
+        )
     return float(F.mse_loss(images.float(), reference.float()))
 
 
@@ -254,7 +262,11 @@ SCHEDULERS = {
     "pndm": ("diffusers", "PNDMScheduler", {"skip_prk_steps": True}),
     "ghvb": ("diffusers_distill.schedulers", "GHVBScheduler", {"multistep_order": 2, "momentum_beta": 0.8}),
     "plms_hb": ("diffusers_distill.schedulers", "PLMSHeavyBallScheduler", {"multistep_order": 2, "momentum_beta": 0.8}),
-    "dpmpp_hb": ("diffusers_distill.schedulers", "DPMSolverHeavyBallScheduler", {"solver_order": 2, "momentum_beta": 0.8}),
+    "dpmpp_hb": (
+        "diffusers_distill.schedulers",
+        "DPMSolverHeavyBallScheduler",
+        {"solver_order": 2, "momentum_beta": 0.8},
+    ),
 }
 
 
@@ -289,16 +301,29 @@ def _check_generation_args(steps, guidance, n_per_digit):
 def _sample(pipe, prompts, steps, guidance, latents, seed, timesteps=None, **kwargs):
     """One pipeline call; ``generator`` seeds every random draw inside it (e.g. the noise that multi-step LCM /
     DDPM-type schedulers re-inject), so the same seed always gives the same images."""
-    call = dict(num_inference_steps=steps, guidance_scale=guidance, latents=latents,
-                generator=torch.Generator().manual_seed(seed), output_type="pt", **kwargs)
+    call = dict(
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=latents,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+        **kwargs,
+    )
     if timesteps is not None:
         call["timesteps"] = list(timesteps)
     with torch.no_grad():
         return pipe(prompts, **call).images * 2 - 1
 
 
-def generate_digits(pipe, steps: int = 25, guidance: float = 4.0, n_per_digit: int = 4, seed: int = 0,
-                    latents: torch.Tensor | None = None, timesteps=None):
+def generate_digits(
+    pipe,
+    steps: int = 25,
+    guidance: float = 4.0,
+    n_per_digit: int = 4,
+    seed: int = 0,
+    latents: torch.Tensor | None = None,
+    timesteps=None,
+):
     """Sample ``n_per_digit`` images of each digit; returns ``(images (N, 3, H, W) in [-1, 1], labels)``.
 
     The initial noise is drawn from one seeded generator, so two pipelines called with the same seed
@@ -331,11 +356,8 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int = 10) -> None:
         grid[:, r * h : (r + 1) * h, k * w : (k + 1) * w] = x[i]
     array = grid.permute(1, 2, 0).numpy()
     image = Image.fromarray(array[..., 0] if c == 1 else array)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.png")
-    image.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,8 +380,13 @@ def _read_dmd2_student_config(path: str) -> StudentSampling:
     from .export import StudentConfig
 
     config = StudentConfig.load(os.path.dirname(path))
-    return StudentSampling(method=config.method, steps=config.num_inference_steps, timesteps=tuple(config.timesteps),
-                           guidance=float(config.guidance_scale), config_file=path)
+    return StudentSampling(
+        method=config.method,
+        steps=config.num_inference_steps,
+        timesteps=tuple(config.timesteps),
+        guidance=float(config.guidance_scale),
+        config_file=path,
+    )
 
 
 # file name in a student folder -> reader returning StudentSampling. DMD2 students (diffusers_distill.export) write
@@ -383,9 +410,13 @@ def read_student_sampling(pipe_or_path) -> StudentSampling | None:
     """
     config = getattr(pipe_or_path, "student_config", None)
     if config is not None:
-        return StudentSampling(method=config.method, steps=config.num_inference_steps,
-                               timesteps=tuple(config.timesteps), guidance=float(config.guidance_scale),
-                               config_file="student_config.json")
+        return StudentSampling(
+            method=config.method,
+            steps=config.num_inference_steps,
+            timesteps=tuple(config.timesteps),
+            guidance=float(config.guidance_scale),
+            config_file="student_config.json",
+        )
     folder = _pipeline_folder(pipe_or_path)
     if folder is None:
         return None
@@ -475,15 +506,26 @@ def _resolve_sampling(pipe, scheduler, steps, guidance, timesteps, default_guida
         if len(timesteps) != steps:
             raise ValueError(f"timesteps must have steps={steps} entries, got {timesteps}")
         if scheduler == "keep" and "timesteps" not in inspect.signature(pipe.scheduler.set_timesteps).parameters:
-            raise ValueError(f"timesteps: the pipeline's {type(pipe.scheduler).__name__} does not take custom "
-                             f"timesteps; pass scheduler='ddim' (or another key) or no timesteps")
+            raise ValueError(
+                f"timesteps: the pipeline's {type(pipe.scheduler).__name__} does not take custom "
+                f"timesteps; pass scheduler='ddim' (or another key) or no timesteps"
+            )
     return student, scheduler, steps, guidance, timesteps
 
 
-def evaluate_pipeline(pipe_or_path, scheduler: str | None = "auto", steps: int | None = None,
-                      guidance: float | None = None, n_per_digit: int = 10, seed: int = 0, reference=None,
-                      grid_path: str | None = None, scheduler_kwargs: dict | None = None, timesteps=None,
-                      base_model: str | None = None) -> dict:
+def evaluate_pipeline(
+    pipe_or_path,
+    scheduler: str | None = "auto",
+    steps: int | None = None,
+    guidance: float | None = None,
+    n_per_digit: int = 10,
+    seed: int = 0,
+    reference=None,
+    grid_path: str | None = None,
+    scheduler_kwargs: dict | None = None,
+    timesteps=None,
+    base_model: str | None = None,
+) -> dict:
     """Generate ``n_per_digit`` images per digit and measure them.
 
     Args:
@@ -514,7 +556,8 @@ def evaluate_pipeline(pipe_or_path, scheduler: str | None = "auto", steps: int |
     pipe = load_pipeline(pipe_or_path, base_model)
     arch = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
     student, scheduler, steps, guidance, timesteps = _resolve_sampling(
-        pipe, scheduler, steps, guidance, timesteps, RECOMMENDED_GUIDANCE[arch])
+        pipe, scheduler, steps, guidance, timesteps, RECOMMENDED_GUIDANCE[arch]
+    )
     _check_generation_args(steps, guidance, n_per_digit)
     pipe.set_progress_bar_config(disable=True)
     if scheduler != "keep":
@@ -640,8 +683,10 @@ def inception_fid_features(weights_path: str | None = None):
     if weights_path is None:
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", URL_INCEPTION_V3.rsplit("/", 1)[-1])
         if not os.path.isfile(cached) and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-            raise MetricUnavailableError(f"FID needs the Inception weights {cached!r}, which are not cached and "
-                                         "cannot be downloaded offline; pass their local path (--fid_weights)")
+            raise MetricUnavailableError(
+                f"FID needs the Inception weights {cached!r}, which are not cached and "
+                "cannot be downloaded offline; pass their local path (--fid_weights)"
+            )
     elif not os.path.isfile(weights_path):
         raise MetricUnavailableError(f"FID Inception weights {weights_path!r} do not exist")
     else:
@@ -650,8 +695,9 @@ def inception_fid_features(weights_path: str | None = None):
     try:
         net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights_path)
     except (OSError, RuntimeError) as error:  # urllib errors are OSErrors
-        raise MetricUnavailableError(f"FID Inception weights could not be downloaded ({error}); pass their local "
-                                     "path (--fid_weights)") from error
+        raise MetricUnavailableError(
+            f"FID Inception weights could not be downloaded ({error}); pass their local path (--fid_weights)"
+        ) from error
     return lambda images: net(images)[0]
 
 
@@ -669,27 +715,83 @@ class CLIPEmbedder:
             self.model = CLIPModel.from_pretrained(model, local_files_only=True).eval()
             self.processor = CLIPProcessor.from_pretrained(model, local_files_only=True)
         except OSError as error:
-            raise MetricUnavailableError(f"CLIP score needs the CLIP model {model!r}, which is not local or cached "
-                                         f"(no network for weights here); download it first or pass --clip_model "
-                                         f"PATH") from error
+            raise MetricUnavailableError(
+                f"CLIP score needs the CLIP model {model!r}, which is not local or cached "
+                f"(no network for weights here); download it first or pass --clip_model "
+                f"PATH"
+            ) from error
 
     def __call__(self, images: torch.Tensor, prompts: list[str]):
         """uint8 ``(N, 3, H, W)`` images and ``N`` prompts -> ``(image_embeds, text_embeds)``."""
         with torch.no_grad():
-            inputs = self.processor(text=prompts, images=list(images.permute(0, 2, 3, 1).numpy()),
-                                    return_tensors="pt", padding=True, truncation=True)
+            inputs = self.processor(
+                text=prompts,
+                images=list(images.permute(0, 2, 3, 1).numpy()),
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+            )
             image_embeds = self.model.get_image_features(pixel_values=inputs["pixel_values"])
-            text_embeds = self.model.get_text_features(input_ids=inputs["input_ids"],
-                                                       attention_mask=inputs["attention_mask"])
+            text_embeds = self.model.get_text_features(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            )
         return image_embeds, text_embeds
 
 
-def evaluate_prompts(pipe_or_path, prompts: list[str], *, reference_dir: str | None = None, clip: bool = True,
-                     scheduler: str | None = "auto", steps: int | None = None, guidance: float | None = None,
-                     n_per_prompt: int = 1, seed: int = 0, batch_size: int = 8, height: int | None = None,
-                     width: int | None = None, grid_path: str | None = None, fid_features=None, clip_embedder=None,
-                     timesteps=None, base_model: str | None = None, clip_model: str = CLIP_SCORE_MODEL,
-                     fid_weights: str | None = None) -> dict:
+def _check_prompt_args(prompts, scheduler, steps, guidance, n_per_prompt, batch_size) -> None:
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of strings")
+    if scheduler not in (None, "auto", "keep") and scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be 'keep', 'auto' or one of {sorted(SCHEDULERS)}, got {scheduler!r}")
+    for name, value in (("n_per_prompt", n_per_prompt), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    _check_generation_args(1 if steps is None else steps, 0.0 if guidance is None else guidance, 1)
+
+
+def _batched_clip_score(clip_embedder, images: torch.Tensor, prompts: list[str], batch_size: int = 32) -> float:
+    """CLIP score of uint8 ``images`` against their ``prompts``, embedding ``batch_size`` pairs at a time."""
+    image_embeds, text_embeds = [], []
+    for i in range(0, len(prompts), batch_size):
+        e_img, e_txt = clip_embedder(images[i : i + batch_size], prompts[i : i + batch_size])
+        image_embeds.append(e_img)
+        text_embeds.append(e_txt)
+    return clip_score_from_embeddings(torch.cat(image_embeds), torch.cat(text_embeds))
+
+
+def _sample_in_batches(pipe, prompts, steps, guidance, seed, timesteps, batch_size, **size_kwargs) -> torch.Tensor:
+    """Images for ``prompts``, ``batch_size`` prompts per pipeline call, batch ``b`` seeded with ``seed + b``."""
+    batches = range(0, len(prompts), batch_size)
+    return torch.cat(
+        [
+            _sample(pipe, prompts[i : i + batch_size], steps, guidance, None, seed + b, timesteps, **size_kwargs).cpu()
+            for b, i in enumerate(batches)
+        ]
+    )
+
+
+def evaluate_prompts(
+    pipe_or_path,
+    prompts: list[str],
+    *,
+    reference_dir: str | None = None,
+    clip: bool = True,
+    scheduler: str | None = "auto",
+    steps: int | None = None,
+    guidance: float | None = None,
+    n_per_prompt: int = 1,
+    seed: int = 0,
+    batch_size: int = 8,
+    height: int | None = None,
+    width: int | None = None,
+    grid_path: str | None = None,
+    fid_features=None,
+    clip_embedder=None,
+    timesteps=None,
+    base_model: str | None = None,
+    clip_model: str = CLIP_SCORE_MODEL,
+    fid_weights: str | None = None,
+) -> dict:
     """FID (against ``reference_dir``) and CLIP score of any diffusers text-to-image pipeline on ``prompts``.
 
     Generates ``n_per_prompt`` images per prompt, in batches of ``batch_size`` prompts, each batch from a generator
@@ -706,22 +808,14 @@ def evaluate_prompts(pipe_or_path, prompts: list[str], *, reference_dir: str | N
     """
     import time
 
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a non-empty list of strings")
-    if scheduler not in (None, "auto", "keep") and scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler must be 'keep', 'auto' or one of {sorted(SCHEDULERS)}, got {scheduler!r}")
-    for name, value in (("n_per_prompt", n_per_prompt), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    _check_generation_args(1 if steps is None else steps, 0.0 if guidance is None else guidance, 1)
+    _check_prompt_args(prompts, scheduler, steps, guidance, n_per_prompt, batch_size)
     real = load_reference_images(reference_dir) if reference_dir is not None else None
     if real is not None and fid_features is None:
         fid_features = inception_fid_features(fid_weights)
     if clip and clip_embedder is None:
         clip_embedder = CLIPEmbedder(clip_model)
     pipe = load_pipeline(pipe_or_path, base_model)
-    student, scheduler, steps, guidance, timesteps = _resolve_sampling(pipe, scheduler, steps, guidance, timesteps,
-                                                                       7.5)
+    student, scheduler, steps, guidance, timesteps = _resolve_sampling(pipe, scheduler, steps, guidance, timesteps, 7.5)
     _check_generation_args(steps, guidance, 1)
     pipe.set_progress_bar_config(disable=True)
     if scheduler != "keep":
@@ -729,11 +823,7 @@ def evaluate_prompts(pipe_or_path, prompts: list[str], *, reference_dir: str | N
     all_prompts = [p for p in prompts for _ in range(n_per_prompt)]
     size_kwargs = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
     start = time.perf_counter()
-    chunks = []
-    for b, i in enumerate(range(0, len(all_prompts), batch_size)):
-        chunks.append(_sample(pipe, all_prompts[i : i + batch_size], steps, guidance, None, seed + b, timesteps,
-                              **size_kwargs).cpu())
-    images = torch.cat(chunks)
+    images = _sample_in_batches(pipe, all_prompts, steps, guidance, seed, timesteps, batch_size, **size_kwargs)
     seconds = time.perf_counter() - start
     generated = to_uint8(images)
     metrics = {
@@ -748,16 +838,12 @@ def evaluate_prompts(pipe_or_path, prompts: list[str], *, reference_dir: str | N
         "seconds": round(seconds, 3),
     }
     if real is not None:
-        metrics["fid"] = fid_from_features(_features_by_size(fid_features, generated),
-                                           _features_by_size(fid_features, real))
+        metrics["fid"] = fid_from_features(
+            _features_by_size(fid_features, generated), _features_by_size(fid_features, real)
+        )
         metrics["n_reference_images"] = len(real)
     if clip:
-        image_embeds, text_embeds = [], []
-        for i in range(0, len(all_prompts), 32):
-            e_img, e_txt = clip_embedder(generated[i : i + 32], all_prompts[i : i + 32])
-            image_embeds.append(e_img)
-            text_embeds.append(e_txt)
-        metrics["clip_score"] = clip_score_from_embeddings(torch.cat(image_embeds), torch.cat(text_embeds))
+        metrics["clip_score"] = _batched_clip_score(clip_embedder, generated, all_prompts)
     if grid_path is not None:
         save_image_grid(images, grid_path, nrow=min(len(all_prompts), 8))
     metrics["images"] = images

@@ -367,13 +367,12 @@ def save_flow_map_lora_student(output_dir, student, pipeline_class, default_num_
     """
     import json
     import os
-    import shutil
-    import tempfile
 
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     from .export import LORA_WEIGHT_NAME, lora_adapter_metadata
+    from .fileio import atomic_directory
 
     adapters = sorted(getattr(student, "peft_config", {}) or {})
     if len(adapters) != 1:
@@ -388,9 +387,7 @@ def save_flow_map_lora_student(output_dir, student, pipeline_class, default_num_
 
     TwoTimedFlowMapScheduler(**scheduler_config)  # validates the scheduler settings before writing anything
     output_dir = os.fspath(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=output_dir, prefix=".tmp-flow-map-")
-    try:
+    with atomic_directory(output_dir) as staging:
         # peft key names ("...to_q.lora_A.weight"), as diffusers' current LoRA training scripts store them: with
         # convert_state_dict_to_diffusers ("...to_q.lora.down.weight") diffusers 0.42 reloads no attention LoRA layers
         lora_layers = get_peft_model_state_dict(student, adapter_name=adapters[0])
@@ -403,8 +400,4 @@ def save_flow_map_lora_student(output_dir, student, pipeline_class, default_num_
                   "default_num_inference_steps": default_num_inference_steps, "scheduler": scheduler_config}  # fmt: skip
         with open(os.path.join(staging, FLOW_MAP_CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
-        for name in sorted(os.listdir(staging)):
-            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output_dir

@@ -22,11 +22,13 @@ sigmabar = sigma / alpha; paper Eq. 2 of arXiv 2307.11118) with scipy's DOP853 t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from .fileio import atomic_path
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
@@ -49,8 +51,8 @@ class GaussianMixture:
 
     means: torch.Tensor
     stds: torch.Tensor
-    weights: Optional[torch.Tensor] = None
-    component_classes: Optional[torch.Tensor] = None
+    weights: torch.Tensor | None = None
+    component_classes: torch.Tensor | None = None
 
     def __post_init__(self):
         self.means = torch.as_tensor(self.means, dtype=torch.float64)
@@ -76,7 +78,7 @@ class GaussianMixture:
             raise ValueError(f"`component_classes` must have shape (K,) = ({num_components},)")
 
     @classmethod
-    def ring(cls, num_components: int = 8, dim: int = 2, std: float = 0.05, radius: float = 1.0) -> "GaussianMixture":
+    def ring(cls, num_components: int = 8, dim: int = 2, std: float = 0.05, radius: float = 1.0) -> GaussianMixture:
         """Components equally spaced on a circle of ``radius`` in the first two coordinates (the doc's pilot)."""
         if dim < 2:
             raise ValueError(f"`dim` must be >= 2 for a ring, got {dim}")
@@ -87,9 +89,13 @@ class GaussianMixture:
 
     @classmethod
     def sphere(
-        cls, num_components: int = 16, dim: int = 16, std: Union[float, Sequence[float]] = 0.05, radius: float = 1.0,
+        cls,
+        num_components: int = 16,
+        dim: int = 16,
+        std: float | Sequence[float] = 0.05,
+        radius: float = 1.0,
         seed: int = 0,
-    ) -> "GaussianMixture":
+    ) -> GaussianMixture:
         """Random means on the sphere of ``radius``; ``std`` may be a range (lo, hi) giving log-uniform diagonal stds
         (anisotropic components give a spread of stiffness)."""
         generator = torch.Generator().manual_seed(seed)
@@ -99,7 +105,9 @@ class GaussianMixture:
             stds = torch.full((num_components,), float(std), dtype=torch.float64)
         else:
             low, high = (math.log(float(v)) for v in std)
-            stds = torch.exp(low + (high - low) * torch.rand(num_components, dim, generator=generator, dtype=torch.float64))
+            stds = torch.exp(
+                low + (high - low) * torch.rand(num_components, dim, generator=generator, dtype=torch.float64)
+            )
         return cls(means, stds)
 
     @property
@@ -115,7 +123,7 @@ class GaussianMixture:
     def max_std(self) -> float:
         return float(self.stds.max())
 
-    def _log_weights(self, labels: Optional[torch.Tensor], batch_size: int) -> torch.Tensor:
+    def _log_weights(self, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """``(B, K)`` log mixture weights; with ``labels`` each row is restricted to that class and renormalised."""
         log_weights = self.weights.log().expand(batch_size, -1)
         if labels is None:
@@ -179,9 +187,9 @@ class GuidedGaussianMixture:
     """
 
     mixture: GaussianMixture
-    labels: Optional[torch.Tensor] = None
+    labels: torch.Tensor | None = None
     guidance_scale: float = 1.0
-    unconditional: Optional[GaussianMixture] = None
+    unconditional: GaussianMixture | None = None
 
     def posterior(self, x, alpha, sigma):
         """Guided ``(eps_hat, x0_hat)``; both are combined with the same weights, so Tweedie stays consistent."""
@@ -297,8 +305,9 @@ def scheduler_endpoints(scheduler, alphas_cumprod) -> tuple:
         final = float(scheduler.final_alpha_cumprod)
         end = math.sqrt((1 - final) / final)
     else:
-        raise ValueError(f"cannot tell where {type(scheduler).__name__} ends: it has neither `sigmas` nor "
-                         "`final_alpha_cumprod`")
+        raise ValueError(
+            f"cannot tell where {type(scheduler).__name__} ends: it has neither `sigmas` nor `final_alpha_cumprod`"
+        )
     return start, end, float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0
 
 
@@ -308,8 +317,13 @@ def scheduler_endpoints(scheduler, alphas_cumprod) -> tuple:
 
 
 def solve_reference(
-    guided: GuidedGaussianMixture, start: torch.Tensor, t_start: float, t_end: float, parametrization: str = "vp",
-    rtol: float = 1e-10, atol: float = 1e-10,
+    guided: GuidedGaussianMixture,
+    start: torch.Tensor,
+    t_start: float,
+    t_end: float,
+    parametrization: str = "vp",
+    rtol: float = 1e-10,
+    atol: float = 1e-10,
 ) -> torch.Tensor:
     """Integrate the probability-flow ODE with scipy DOP853, vectorised over the batch.
 
@@ -352,11 +366,19 @@ def default_base_config() -> dict:
     the next listed timestep, so with linspace timesteps (999, 666, 333, 0 for 4 steps) their model is evaluated at
     timesteps that do not match the state (999 -> 749, then evaluated at 666). Trailing timesteps are spaced by that
     ratio (up to rounding), and start at t = 999 like every other scheduler's."""
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=False, clip_sample=False)
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="trailing",
+        steps_offset=0,
+        set_alpha_to_one=False,
+        clip_sample=False,
+    )
 
 
-def default_samplers(base_config: Optional[dict] = None) -> Dict[str, Callable[[], object]]:
+def default_samplers(base_config: dict | None = None) -> dict[str, Callable[[], object]]:
     """A few diffusers baselines (DDIM, PLMS, DPM-Solver++(2M)), each a factory building a fresh scheduler."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 
@@ -365,11 +387,12 @@ def default_samplers(base_config: Optional[dict] = None) -> Dict[str, Callable[[
         "DDIM": lambda: DDIMScheduler.from_config(config),
         "PLMS (PNDM)": lambda: PNDMScheduler.from_config(config, skip_prk_steps=True),
         "DPM++2M": lambda: DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", solver_order=2),
+            config, algorithm_type="dpmsolver++", solver_order=2
+        ),
     }
 
 
-def demo_samplers(base_config: Optional[dict] = None) -> Dict[str, Callable[[], object]]:
+def demo_samplers(base_config: dict | None = None) -> dict[str, Callable[[], object]]:
     """diffusers' DDIM, PLMS, DPM-Solver++(2M), UniPC and DEIS next to this package's three VP momentum schedulers
     with their class defaults (``GHVBScheduler``, ``PLMSHeavyBallScheduler``, ``DPMSolverHeavyBallScheduler``) and
     the Heavy Ball setting the benchmark recommends at high guidance (docs/schedulers.md)."""
@@ -395,8 +418,11 @@ def error_table_markdown(rows: Sequence[dict], metric: str = "median_error") -> 
     table = {(r["sampler"], r["guidance"], r["steps"]): r for r in rows}
     lines = []
     for guidance in sorted({r["guidance"] for r in rows}):
-        lines += [f"\n**guidance {guidance:g}** ({metric.replace('_', ' ')}; blow-up %)\n",
-                  "| sampler | " + " | ".join(str(n) for n in steps) + " |", "|---|" + "---|" * len(steps)]
+        lines += [
+            f"\n**guidance {guidance:g}** ({metric.replace('_', ' ')}; blow-up %)\n",
+            "| sampler | " + " | ".join(str(n) for n in steps) + " |",
+            "|---|" + "---|" * len(steps),
+        ]
         for name in names:
             cells = []
             for n in steps:
@@ -407,7 +433,7 @@ def error_table_markdown(rows: Sequence[dict], metric: str = "median_error") -> 
     return "\n".join(lines) + "\n"
 
 
-def blown_up(samples: torch.Tensor, mixture: GaussianMixture, reference: Optional[torch.Tensor] = None) -> torch.Tensor:
+def blown_up(samples: torch.Tensor, mixture: GaussianMixture, reference: torch.Tensor | None = None) -> torch.Tensor:
     """``(B,)`` bool: non-finite, or farther from the origin than R + 5 max std (doc section 7.2).
 
     R is the data radius, or the largest reference endpoint norm when larger: strong CFG legitimately pushes exact
@@ -421,14 +447,14 @@ def blown_up(samples: torch.Tensor, mixture: GaussianMixture, reference: Optiona
 
 
 def compare_samplers(
-    samplers: Optional[Mapping[str, Callable[[], object]]] = None,
+    samplers: Mapping[str, Callable[[], object]] | None = None,
     guidance_scales: Iterable[float] = (1.0, 7.5, 15.0),
     steps: Iterable[int] = (5, 10, 20),
-    mixture: Optional[GaussianMixture] = None,
+    mixture: GaussianMixture | None = None,
     batch_size: int = 256,
     seed: int = 0,
-    base_config: Optional[dict] = None,
-) -> List[dict]:
+    base_config: dict | None = None,
+) -> list[dict]:
     """Endpoint error of each sampler against the converged PF-ODE solution from the same noise.
 
     Args:
@@ -456,7 +482,7 @@ def compare_samplers(
     classes = mixture.component_classes.unique()
     labels = classes[torch.randint(len(classes), (batch_size,), generator=generator)]
 
-    references: Dict[tuple, torch.Tensor] = {}
+    references: dict[tuple, torch.Tensor] = {}
     rows = []
     for guidance in guidance_scales:
         guided = GuidedGaussianMixture(mixture, labels, guidance)
@@ -477,19 +503,25 @@ def compare_samplers(
                 finite = torch.isfinite(final).all(dim=1)
                 rmse = float(error.pow(2).mean().sqrt()) if bool(finite.all()) else math.inf
                 median = float(torch.where(finite, error, torch.full_like(error, math.inf)).median())
-                rows.append(dict(sampler=name, guidance=guidance, steps=num_steps, nfe=model.num_evaluations,
-                                 rmse=rmse, median_error=median, blowup_fraction=float(blown.double().mean())))
+                rows.append(
+                    dict(
+                        sampler=name,
+                        guidance=guidance,
+                        steps=num_steps,
+                        nfe=model.num_evaluations,
+                        rmse=rmse,
+                        median_error=median,
+                        blowup_fraction=float(blown.double().mean()),
+                    )
+                )
     return rows
 
 
 def plot_error_vs_nfe(
-    rows: Sequence[dict], path: str, title: Optional[str] = None, dashed: Iterable[str] = (), metric: str = "rmse"
+    rows: Sequence[dict], path: str, title: str | None = None, dashed: Iterable[str] = (), metric: str = "rmse"
 ) -> str:
     """Log-log endpoint error (``metric``: "rmse" or "median_error") vs NFE, one panel per guidance scale; blown-up
     points are circled, samplers named in ``dashed`` are drawn dashed. The PNG is written atomically."""
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -502,13 +534,17 @@ def plot_error_vs_nfe(
     figure, axes = plt.subplots(1, len(guidance_scales), figsize=(5.5 * len(guidance_scales), 4.5), squeeze=False)
     for axis, guidance in zip(axes[0], guidance_scales):
         for name in names:
-            points = sorted((r["nfe"], r[metric], r["blowup_fraction"]) for r in rows
-                            if r["sampler"] == name and r["guidance"] == guidance and math.isfinite(r[metric]))
+            points = sorted(
+                (r["nfe"], r[metric], r["blowup_fraction"])
+                for r in rows
+                if r["sampler"] == name and r["guidance"] == guidance and math.isfinite(r[metric])
+            )
             if not points:
                 continue
             nfe, rmse, blown = zip(*points)
-            line, = axis.plot(nfe, rmse, marker=".", label=name, color=colors[name],
-                              linestyle="--" if name in dashed else "-")
+            (line,) = axis.plot(
+                nfe, rmse, marker=".", label=name, color=colors[name], linestyle="--" if name in dashed else "-"
+            )
             bad = [(n, e) for n, e, b in points if b > 0]
             if bad:
                 axis.scatter(*zip(*bad), s=60, facecolors="none", edgecolors=line.get_color())
@@ -522,11 +558,7 @@ def plot_error_vs_nfe(
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=directory)
-    os.close(handle)
-    figure.savefig(temporary, dpi=110)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=110)
     plt.close(figure)
-    os.replace(temporary, path)
     return path

@@ -49,10 +49,21 @@ def test_classifier_accuracy_on_held_out_real_digits(classifier):
 def test_digits_fd_real_vs_noise(classifier):
     train_images, _ = digits.load_digits_split("train")
     real_fd = evaluation.digits_fd(train_images[:400], classifier)
-    noise_fd = evaluation.digits_fd(torch.rand(400, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1,
-                                    classifier)
+    noise_fd = evaluation.digits_fd(
+        torch.rand(400, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1, classifier
+    )
     assert real_fd < 0.05 * noise_fd, (real_fd, noise_fd)
-    assert real_fd >= 0
+    # digits-FD is the Frechet distance of the classifier's features to those of the held-out reference digits
+    with torch.no_grad():
+        features = classifier.features(train_images[:400]).double().numpy()
+        reference, _ = digits.load_digits_split("held_out", channels=1)
+        reference = classifier.features(reference).double().numpy()
+    direct = evaluation.frechet_distance(
+        features.mean(0), np.cov(features, rowvar=False), reference.mean(0), np.cov(reference, rowvar=False)
+    )
+    assert real_fd == pytest.approx(direct, rel=1e-9)
+    # ... so the reference digits themselves score 0 (up to the matrix square root's rounding, ~1e-4 here)
+    assert evaluation.digits_fd(digits.load_digits_split("held_out")[0], classifier) == pytest.approx(0, abs=1e-3)
 
 
 def test_frechet_distance_closed_form():
@@ -124,8 +135,9 @@ class _TinyFeatures(torch.nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(),
-                                       torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+        )
         self.calls = 0
 
     def forward(self, images):
@@ -157,9 +169,18 @@ def test_evaluate_prompts_fid_and_clip_plumbing(sd15_pipeline_dir, tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     prompts = ["a red square", "a blue circle", "a cat"]
     features, clip = _TinyFeatures(), _TinyCLIP()
-    m = evaluation.evaluate_prompts(sd15_pipeline_dir, prompts, reference_dir=str(ref), steps=2, guidance=3.0,
-                                    n_per_prompt=2, batch_size=4, fid_features=features, clip_embedder=clip,
-                                    grid_path=str(tmp_path / "grid.png"))
+    m = evaluation.evaluate_prompts(
+        sd15_pipeline_dir,
+        prompts,
+        reference_dir=str(ref),
+        steps=2,
+        guidance=3.0,
+        n_per_prompt=2,
+        batch_size=4,
+        fid_features=features,
+        clip_embedder=clip,
+        grid_path=str(tmp_path / "grid.png"),
+    )
     assert m["n_images"] == 6 and m["n_reference_images"] == 6 and m["steps"] == 2
     generated = evaluation.to_uint8(m["images"])
     real = evaluation.load_reference_images(str(ref))
@@ -172,8 +193,17 @@ def test_evaluate_prompts_fid_and_clip_plumbing(sd15_pipeline_dir, tmp_path):
     all_prompts = [p for p in prompts for _ in range(2)]
     assert m["clip_score"] == pytest.approx(evaluation.clip_score_from_embeddings(*clip(generated, all_prompts)))
     assert (tmp_path / "grid.png").exists()
-    again = evaluation.evaluate_prompts(sd15_pipeline_dir, prompts, reference_dir=str(ref), steps=2, guidance=3.0,
-                                        n_per_prompt=2, batch_size=4, fid_features=features, clip_embedder=clip)
+    again = evaluation.evaluate_prompts(
+        sd15_pipeline_dir,
+        prompts,
+        reference_dir=str(ref),
+        steps=2,
+        guidance=3.0,
+        n_per_prompt=2,
+        batch_size=4,
+        fid_features=features,
+        clip_embedder=clip,
+    )
     assert torch.equal(again["images"], m["images"]) and again["fid"] == m["fid"]
 
 
@@ -203,8 +233,13 @@ def dmd2_student_dirs(tmp_path_factory):
     dirs = {}
     for timesteps in ([999], [999, 499]):
         folder = tmp_path_factory.mktemp(f"dmd2-{len(timesteps)}step")
-        config = StudentConfig(arch="sd15", student_type="full", num_inference_steps=len(timesteps),
-                               timesteps=timesteps, base_model=digits.digits_teacher_path("sd15"))
+        config = StudentConfig(
+            arch="sd15",
+            student_type="full",
+            num_inference_steps=len(timesteps),
+            timesteps=timesteps,
+            base_model=digits.digits_teacher_path("sd15"),
+        )
         save_full_student(str(folder), teacher, copy.deepcopy(teacher.unet), config)
         dirs[len(timesteps)] = str(folder)
     return dirs
@@ -231,8 +266,9 @@ def test_cli_on_saved_1step_dmd2_student_matches_python_api(dmd2_student_dirs, t
     # the student's own scheduler, steps, timesteps and guidance, with no flags
     assert cli_metrics["scheduler"] == "LCMScheduler" and cli_metrics["student"] == "dmd2"
     assert (cli_metrics["steps"], cli_metrics["timesteps"], cli_metrics["guidance"]) == (1, [999], 0.0)
-    api = evaluation.evaluate_pipeline(load_digits_student(folder), scheduler=None, steps=1, guidance=0.0,
-                                       n_per_digit=3, seed=0)
+    api = evaluation.evaluate_pipeline(
+        load_digits_student(folder), scheduler=None, steps=1, guidance=0.0, n_per_digit=3, seed=0
+    )
     assert cli_metrics["prompt_accuracy"] == api["prompt_accuracy"]
     assert cli_metrics["digits_fd"] == pytest.approx(api["digits_fd"], rel=1e-9)
     # an explicit scheduler replaces the student's, still at the student's steps and guidance, on its own spacing
@@ -270,12 +306,28 @@ def test_cli_offline_messages_and_nonzero_exit(tmp_path, capsys):
     assert evaluation.read_prompts(str(prompts)) == ["a photo of a cat", "a photo of a dog"]
     out = tmp_path / "never"
     cases = [
-        (["--pipeline", "diffusers-distill-tests/no-such-model", "--prompts", str(prompts), "--no_clip"],
-         "not in the Hugging Face cache"),
-        (["--pipeline", "sd15", "--prompts", str(prompts), "--clip_model", "diffusers-distill-tests/no-such-clip"],
-         "CLIP score needs the CLIP model 'diffusers-distill-tests/no-such-clip'"),
-        (["--pipeline", "sd15", "--prompts", str(prompts), "--no_clip", "--reference_dir", str(tmp_path),
-          "--fid_weights", str(tmp_path / "missing.pth")], "FID"),
+        (
+            ["--pipeline", "diffusers-distill-tests/no-such-model", "--prompts", str(prompts), "--no_clip"],
+            "not in the Hugging Face cache",
+        ),
+        (
+            ["--pipeline", "sd15", "--prompts", str(prompts), "--clip_model", "diffusers-distill-tests/no-such-clip"],
+            "CLIP score needs the CLIP model 'diffusers-distill-tests/no-such-clip'",
+        ),
+        (
+            [
+                "--pipeline",
+                "sd15",
+                "--prompts",
+                str(prompts),
+                "--no_clip",
+                "--reference_dir",
+                str(tmp_path),
+                "--fid_weights",
+                str(tmp_path / "missing.pth"),
+            ],
+            "FID",
+        ),
     ]
     for png in ("a.png", "b.png"):
         from PIL import Image
@@ -296,26 +348,34 @@ def test_cli_on_lora_student_loads_it_onto_its_base_model(dmd2_student_dirs, tmp
     from diffusers_distill.training.distill_digits import load_digits_student
 
     teacher = StableDiffusionPipeline.from_pretrained(digits.digits_teacher_path("sd15"), local_files_only=True)
-    teacher.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
-                             adapter_name="generator")  # fmt: skip
+    teacher.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="generator"
+    )
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
         for name, param in teacher.unet.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=g) * 0.05)
     folder = tmp_path / "lora-student"
-    config = StudentConfig(arch="sd15", student_type="lora", num_inference_steps=1, timesteps=[999],
-                           base_model=digits.digits_teacher_path("sd15"))
+    config = StudentConfig(
+        arch="sd15",
+        student_type="lora",
+        num_inference_steps=1,
+        timesteps=[999],
+        base_model=digits.digits_teacher_path("sd15"),
+    )
     save_lora_student(str(folder), teacher.unet, "generator", StableDiffusionPipeline, config)
     cli_metrics = _cli_metrics(["--pipeline", str(folder), "--n_per_digit", "2"], tmp_path / "cli")
     assert (cli_metrics["student"], cli_metrics["steps"], cli_metrics["timesteps"]) == ("dmd2", 1, [999])
-    api = evaluation.evaluate_pipeline(load_digits_student(str(folder)), scheduler=None, steps=1, guidance=0.0,
-                                       n_per_digit=2, seed=0)
+    api = evaluation.evaluate_pipeline(
+        load_digits_student(str(folder)), scheduler=None, steps=1, guidance=0.0, n_per_digit=2, seed=0
+    )
     assert cli_metrics["digits_fd"] == pytest.approx(api["digits_fd"], rel=1e-9)
     assert api["scheduler"] == "LCMScheduler"
     # the same 1-step sampling of the teacher's own UNet (full student without the adapter) gives other images
     no_adapter = _cli_metrics(["--pipeline", dmd2_student_dirs[1], "--n_per_digit", "2"], tmp_path / "no_adapter")
     assert no_adapter["timesteps"] == [999] and no_adapter["digits_fd"] != cli_metrics["digits_fd"]
     with pytest.raises(ValueError, match="does not take custom timesteps"):  # the teacher's DDIMScheduler
-        evaluation.evaluate_pipeline(digits.digits_teacher_path("sd15"), scheduler="keep", steps=1,
-                                     timesteps=[999], n_per_digit=2)
+        evaluation.evaluate_pipeline(
+            digits.digits_teacher_path("sd15"), scheduler="keep", steps=1, timesteps=[999], n_per_digit=2
+        )

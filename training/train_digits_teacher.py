@@ -1,4 +1,5 @@
-"""Train the bundled digits teachers: SD 1.5 and SDXL architectures on the bundled real handwritten digits (UCI, as in sklearn's load_digits).
+"""Train the bundled digits teachers: SD 1.5 and SDXL architectures on the bundled real handwritten digits
+(UCI, as in sklearn's load_digits).
 
 Stages (all seeded, CPU, one thread):
 
@@ -32,7 +33,6 @@ import argparse
 import copy
 import json
 import os
-import shutil
 import tempfile
 import time
 
@@ -46,6 +46,7 @@ from diffusers_distill.digits import (
     digit_prompt,
     load_digits_split,
 )
+from diffusers_distill.fileio import atomic_directory
 
 LATENT_SIZE = IMAGE_SIZE // 4
 TEXT_HIDDEN = 32
@@ -146,8 +147,11 @@ def pretrain_text_encoder(text_encoder, input_ids: torch.Tensor, steps: int, lr:
     with torch.no_grad():
         embeds = text_encoder(input_ids)[0].flatten(1)
     distances = torch.cdist(embeds, embeds)[~torch.eye(len(input_ids), dtype=torch.bool)]
-    print(f"[text encoder] probe loss {loss.item():.4f}, min pairwise prompt distance {distances.min():.2f} "
-          f"(norm {embeds.norm(dim=1).mean():.2f})", flush=True)
+    print(
+        f"[text encoder] probe loss {loss.item():.4f}, min pairwise prompt distance {distances.min():.2f} "
+        f"(norm {embeds.norm(dim=1).mean():.2f})",
+        flush=True,
+    )
     return float(distances.min())
 
 
@@ -175,16 +179,33 @@ def train_vae(images: torch.Tensor, steps: int, batch_size: int, seed: int, log:
     return vae, latents * vae.config.scaling_factor
 
 
-def train_unet(unet, latents, labels, cond, steps, batch_size, lr, seed, log, tag, *, extra_params=(),
-               lr_schedule="cosine", warmup_steps=100, ema_decay=0.0, snr_gamma=0.0):
+def train_unet(
+    unet,
+    latents,
+    labels,
+    cond,
+    steps,
+    batch_size,
+    lr,
+    seed,
+    log,
+    tag,
+    *,
+    extra_params=(),
+    lr_schedule="cosine",
+    warmup_steps=100,
+    ema_decay=0.0,
+    snr_gamma=0.0,
+):
     """Epsilon-prediction DDPM loss with prompt dropout; ``cond(labels, drop_mask)`` -> UNet kwargs.
 
     ``extra_params`` are trained with the UNet (e.g. the text encoder, whose output ``cond`` computes).
     ``lr_schedule``: linear warm-up over ``warmup_steps``, then ``"cosine"`` decay to 0 or ``"constant"`` (diffusers'
-    ``get_scheduler``), or ``"linear"`` decay to 10% of the peak (the recipe of the v1 teachers). ``ema_decay > 0`` keeps an exponential moving average of the trained weights (diffusers'
-    ``EMAModel`` with its warm-up ``1 - (1 + step)^(-2/3)``, capped at ``ema_decay``) and copies it into the model at
-    the end. ``snr_gamma > 0`` weights each sample's loss by ``min(SNR(t), gamma) / SNR(t)`` (Min-SNR, Hang et al.
-    2023, eq. 12 for epsilon prediction).
+    ``get_scheduler``), or ``"linear"`` decay to 10% of the peak (the recipe of the v1 teachers).
+    ``ema_decay > 0`` keeps an exponential moving average of the trained weights (diffusers' ``EMAModel`` with its
+    warm-up ``1 - (1 + step)^(-2/3)``, capped at ``ema_decay``) and copies it into the model at the end.
+    ``snr_gamma > 0`` weights each sample's loss by ``min(SNR(t), gamma) / SNR(t)`` (Min-SNR, Hang et al. 2023,
+    eq. 12 for epsilon prediction).
     """
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -195,10 +216,15 @@ def train_unet(unet, latents, labels, cond, steps, batch_size, lr, seed, log, ta
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     if lr_schedule == "linear":  # the v1 recipe: warm-up, then linear decay to 10% of the peak
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / max(warmup_steps, 1)) * (1 - 0.9 * s / steps))
+            opt, lambda s: min(1.0, (s + 1) / max(warmup_steps, 1)) * (1 - 0.9 * s / steps)
+        )
     else:
-        sched = get_scheduler(lr_schedule if lr_schedule == "cosine" else "constant_with_warmup", opt,
-                              num_warmup_steps=warmup_steps, num_training_steps=steps)
+        sched = get_scheduler(
+            lr_schedule if lr_schedule == "cosine" else "constant_with_warmup",
+            opt,
+            num_warmup_steps=warmup_steps,
+            num_training_steps=steps,
+        )
     ema = EMAModel(params, decay=ema_decay, use_ema_warmup=True, power=2 / 3) if ema_decay > 0 else None
     g = torch.Generator().manual_seed(seed)
     unet.train()
@@ -239,24 +265,22 @@ def _stock_scheduler():
     return DDIMScheduler(**sd_noise_schedule_config(), clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def _save_atomically(pipe, folder: str, report: dict):
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    with open(os.path.join(tmp, "training_report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    # mkdtemp / safetensors create owner-only entries; shipped assets must be world-readable
-    for root, dirs, files in os.walk(tmp):
-        os.chmod(root, 0o755)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o644)
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+def save_teacher(pipe, folder: str, report: dict) -> None:
+    """Save ``pipe`` (safetensors) with ``training_report.json`` as ``folder``, atomically.
+
+    The pipeline is written into a staging folder and then replaces any previous ``folder`` whole
+    (:func:`diffusers_distill.fileio.atomic_directory`), with the usual file modes, so the shipped assets are
+    world-readable and never half-written.
+    """
+    parent, name = os.path.split(os.path.abspath(folder))
+    with atomic_directory(parent) as staging:
+        pipe.save_pretrained(os.path.join(staging, name), safe_serialization=True)
+        with open(os.path.join(staging, name, "training_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (defaults: the recipe of the shipped SD 1.5 teacher), validated before any training."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="both", choices=["sd15", "sdxl", "both"])
     parser.add_argument("--output_dir", default=ASSETS_DIR)
@@ -269,12 +293,24 @@ def main(argv=None):
     parser.add_argument("--lr_warmup_steps", type=int, default=100)
     parser.add_argument("--ema_decay", type=float, default=0.999, help="0 disables the UNet EMA")
     parser.add_argument("--snr_gamma", type=float, default=5.0, help="Min-SNR gamma; 0 disables the weighting")
-    parser.add_argument("--text_encoder_steps", type=int, default=300,
-                        help="SD 1.5: steps of prompt-separation pre-training of the CLIP text encoder (0: random)")
-    parser.add_argument("--train_text_encoder", type=int, default=0, choices=[0, 1],
-                        help="SD 1.5: also train the CLIP text encoder with the UNet (1) or keep it frozen (0)")
-    parser.add_argument("--vae_from", default=None,
-                        help="reuse the VAE of this pipeline folder instead of training one (quick experiments)")
+    parser.add_argument(
+        "--text_encoder_steps",
+        type=int,
+        default=300,
+        help="SD 1.5: steps of prompt-separation pre-training of the CLIP text encoder (0: random)",
+    )
+    parser.add_argument(
+        "--train_text_encoder",
+        type=int,
+        default=0,
+        choices=[0, 1],
+        help="SD 1.5: also train the CLIP text encoder with the UNet (1) or keep it frozen (0)",
+    )
+    parser.add_argument(
+        "--vae_from",
+        default=None,
+        help="reuse the VAE of this pipeline folder instead of training one (quick experiments)",
+    )
     args = parser.parse_args(argv)
     if args.max_train_steps <= 0 or args.vae_steps <= 0 or args.batch_size <= 0:
         raise ValueError("--max_train_steps, --vae_steps and --batch_size must be positive integers")
@@ -282,108 +318,204 @@ def main(argv=None):
         raise ValueError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     if args.snr_gamma < 0 or args.lr_warmup_steps < 0 or args.text_encoder_steps < 0:
         raise ValueError("--snr_gamma, --lr_warmup_steps and --text_encoder_steps must be >= 0")
-    torch.set_num_threads(1)
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    return args
 
+
+def vae_and_latents(args, images: torch.Tensor, log: list):
+    """Stage 1: train the VAE (or load ``--vae_from``'s); returns it and the scaled training latents."""
+    if not args.vae_from:
+        return train_vae(images, args.vae_steps, args.batch_size, args.seed, log)
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(os.path.join(args.vae_from, "vae"), local_files_only=True)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mode() for i in range(0, len(images), 256)])
+    return vae, latents * vae.config.scaling_factor
+
+
+def unet_recipe(args) -> dict:
+    """The ``train_unet`` keyword arguments shared by both architectures."""
+    return {
+        "lr_schedule": args.lr_schedule,
+        "warmup_steps": args.lr_warmup_steps,
+        "ema_decay": args.ema_decay,
+        "snr_gamma": args.snr_gamma,
+    }
+
+
+def train_sd15_teacher(args, vae, latents, labels, tokenizer, text_encoder, prompts, common_report: dict) -> None:
+    """Stages 2-3 for SD 1.5: pre-train a copy of the text encoder, train the UNet, save ``digits-sd15``."""
+    from diffusers import StableDiffusionPipeline
+
+    # SD 1.5 conditions only through cross-attention on the token embeddings; a frozen random CLIP gives
+    # prompts that differ by one word nearby embeddings, so by default the text encoder is trained as well
+    # (it is tiny), on the prompts and the empty (unconditional) prompt.
+    sd15_text_encoder = copy.deepcopy(text_encoder)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=sd15_text_encoder,
+        tokenizer=tokenizer,
+        unet=build_unet(False),
+        scheduler=_stock_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    # a copy: calling a fast tokenizer with padding/truncation leaves that state in the saved tokenizer.json
+    input_ids = copy.deepcopy(tokenizer)(
+        prompts + [""],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    te_log: list = []
+    min_distance = None
+    if args.text_encoder_steps > 0:
+        min_distance = pretrain_text_encoder(
+            sd15_text_encoder, input_ids, args.text_encoder_steps, args.learning_rate, args.seed + 3, te_log
+        )
+    extra_params = []
+    if args.train_text_encoder:
+        sd15_text_encoder.train().requires_grad_(True)
+        extra_params = list(sd15_text_encoder.parameters())
+
+    def cond_sd15(y, drop):
+        with torch.set_grad_enabled(bool(args.train_text_encoder)):
+            embeds = sd15_text_encoder(input_ids)[0]  # what StableDiffusionPipeline.encode_prompt computes
+        e = embeds[y]
+        e = torch.where(drop[:, None, None], embeds[10].expand_as(e), e)
+        return {"encoder_hidden_states": e}
+
+    torch.manual_seed(args.seed)
+    pipe.unet = build_unet(False)
+    t1, c1 = time.time(), time.process_time()
+    log: list = []
+    train_unet(
+        pipe.unet,
+        latents,
+        labels,
+        cond_sd15,
+        args.max_train_steps,
+        args.batch_size,
+        args.learning_rate,
+        args.seed + 1,
+        log,
+        "sd15",
+        extra_params=extra_params,
+        **unet_recipe(args),
+    )
+    sd15_text_encoder.eval().requires_grad_(False)
+    report = dict(
+        common_report,
+        arch="sd15",
+        train_text_encoder=bool(args.train_text_encoder),
+        text_encoder_steps=args.text_encoder_steps,
+        text_encoder_loss=te_log,
+        text_encoder_min_prompt_distance=min_distance,
+        unet_seconds=round(time.time() - t1, 1),
+        unet_cpu_seconds=round(time.process_time() - c1, 1),
+        unet_loss=log,
+    )
+    save_teacher(pipe, os.path.join(args.output_dir, "digits-sd15"), report)
+    print(f"sd15 done in {report['unet_seconds']}s", flush=True)
+
+
+def train_sdxl_teacher(
+    args, vae, latents, labels, tokenizer, text_encoder, text_encoder_2, prompts, common_report: dict
+) -> None:
+    """Stage 4: SDXL with two frozen text encoders and ``text_time`` conditions; saves ``digits-sdxl``."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=build_unet(True),
+        scheduler=_stock_scheduler(),
+    )
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+    # SDXL's force_zeros_for_empty_prompt: the unconditional branch is all-zero embeddings at sampling
+    time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
+
+    def cond_sdxl(y, drop):
+        e, p = embeds[y].clone(), pooled[y].clone()
+        e[drop] = 0
+        p[drop] = 0
+        return {
+            "encoder_hidden_states": e,
+            "added_cond_kwargs": {"text_embeds": p, "time_ids": time_ids.expand(len(y), -1)},
+        }
+
+    torch.manual_seed(args.seed)
+    pipe.unet = build_unet(True)
+    t1, c1 = time.time(), time.process_time()
+    log: list = []
+    train_unet(
+        pipe.unet,
+        latents,
+        labels,
+        cond_sdxl,
+        args.max_train_steps,
+        args.batch_size,
+        args.learning_rate,
+        args.seed + 2,
+        log,
+        "sdxl",
+        **unet_recipe(args),
+    )
+    report = dict(
+        common_report,
+        arch="sdxl",
+        unet_seconds=round(time.time() - t1, 1),
+        unet_cpu_seconds=round(time.process_time() - c1, 1),
+        unet_loss=log,
+    )
+    save_teacher(pipe, os.path.join(args.output_dir, "digits-sdxl"), report)
+    print(f"sdxl done in {report['unet_seconds']}s", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(1)
     images, labels = load_digits_split("train")
     t0 = time.time()
     vae_log: list = []
-    if args.vae_from:
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(os.path.join(args.vae_from, "vae"), local_files_only=True)
-        vae.eval().requires_grad_(False)
-        with torch.no_grad():
-            latents = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mode() for i in range(0, len(images), 256)])
-        latents = latents * vae.config.scaling_factor
-    else:
-        vae, latents = train_vae(images, args.vae_steps, args.batch_size, args.seed, vae_log)
+    vae, latents = vae_and_latents(args, images, vae_log)
     vae_time = time.time() - t0
     print(f"vae done in {vae_time:.0f}s, scaling_factor {vae.config.scaling_factor:.4f}", flush=True)
 
     with tempfile.TemporaryDirectory() as tok_dir:
         tokenizer, text_encoder, text_encoder_2 = build_text_encoders(tok_dir, args.seed)
     prompts = [digit_prompt(i) for i in range(10)]
-    common_report = {"seed": args.seed, "vae_steps": args.vae_steps, "vae_seconds": round(vae_time, 1),
-                     "vae_loss": vae_log, "vae_scaling_factor": vae.config.scaling_factor,
-                     "unet_steps": args.max_train_steps, "batch_size": args.batch_size,
-                     "learning_rate": args.learning_rate, "lr_schedule": args.lr_schedule,
-                     "lr_warmup_steps": args.lr_warmup_steps, "ema_decay": args.ema_decay,
-                     "snr_gamma": args.snr_gamma, "vae_from": args.vae_from, "prompt_dropout": PROMPT_DROPOUT,
-                     "torch_threads": torch.get_num_threads(), "train_images": len(labels)}
-
-    recipe = {"lr_schedule": args.lr_schedule, "warmup_steps": args.lr_warmup_steps, "ema_decay": args.ema_decay,
-              "snr_gamma": args.snr_gamma}
+    common_report = {
+        "seed": args.seed,
+        "vae_steps": args.vae_steps,
+        "vae_seconds": round(vae_time, 1),
+        "vae_loss": vae_log,
+        "vae_scaling_factor": vae.config.scaling_factor,
+        "unet_steps": args.max_train_steps,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "lr_schedule": args.lr_schedule,
+        "lr_warmup_steps": args.lr_warmup_steps,
+        "ema_decay": args.ema_decay,
+        "snr_gamma": args.snr_gamma,
+        "vae_from": args.vae_from,
+        "prompt_dropout": PROMPT_DROPOUT,
+        "torch_threads": torch.get_num_threads(),
+        "train_images": len(labels),
+    }
     if args.arch in ("sd15", "both"):
-        # SD 1.5 conditions only through cross-attention on the token embeddings; a frozen random CLIP gives
-        # prompts that differ by one word nearby embeddings, so by default the text encoder is trained as well
-        # (it is tiny), on the prompts and the empty (unconditional) prompt.
-        sd15_text_encoder = copy.deepcopy(text_encoder)
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=sd15_text_encoder, tokenizer=tokenizer,
-                                       unet=build_unet(False), scheduler=_stock_scheduler(), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-        # a copy: calling a fast tokenizer with padding/truncation leaves that state in the saved tokenizer.json
-        input_ids = copy.deepcopy(tokenizer)(prompts + [""], padding="max_length", max_length=tokenizer.model_max_length,
-                                             truncation=True, return_tensors="pt").input_ids
-        te_log: list = []
-        min_distance = None
-        if args.text_encoder_steps > 0:
-            min_distance = pretrain_text_encoder(sd15_text_encoder, input_ids, args.text_encoder_steps,
-                                                 args.learning_rate, args.seed + 3, te_log)
-        extra_params = []
-        if args.train_text_encoder:
-            sd15_text_encoder.train().requires_grad_(True)
-            extra_params = list(sd15_text_encoder.parameters())
-
-        def cond_sd15(y, drop):
-            with torch.set_grad_enabled(bool(args.train_text_encoder)):
-                embeds = sd15_text_encoder(input_ids)[0]  # what StableDiffusionPipeline.encode_prompt computes
-            e = embeds[y]
-            e = torch.where(drop[:, None, None], embeds[10].expand_as(e), e)
-            return {"encoder_hidden_states": e}
-
-        torch.manual_seed(args.seed)
-        pipe.unet = build_unet(False)
-        t1, c1 = time.time(), time.process_time()
-        log: list = []
-        train_unet(pipe.unet, latents, labels, cond_sd15, args.max_train_steps, args.batch_size,
-                   args.learning_rate, args.seed + 1, log, "sd15", extra_params=extra_params, **recipe)
-        sd15_text_encoder.eval().requires_grad_(False)
-        report = dict(common_report, arch="sd15", train_text_encoder=bool(args.train_text_encoder),
-                      text_encoder_steps=args.text_encoder_steps, text_encoder_loss=te_log,
-                      text_encoder_min_prompt_distance=min_distance,
-                      unet_seconds=round(time.time() - t1, 1), unet_cpu_seconds=round(time.process_time() - c1, 1),
-                      unet_loss=log)
-        _save_atomically(pipe, os.path.join(args.output_dir, "digits-sd15"), report)
-        print(f"sd15 done in {report['unet_seconds']}s", flush=True)
-
+        train_sd15_teacher(args, vae, latents, labels, tokenizer, text_encoder, prompts, common_report)
     if args.arch in ("sdxl", "both"):
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=build_unet(True),
-                                         scheduler=_stock_scheduler())
-        with torch.no_grad():
-            embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
-                                                      do_classifier_free_guidance=False)
-        # SDXL's force_zeros_for_empty_prompt: the unconditional branch is all-zero embeddings at sampling
-        time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
-
-        def cond_sdxl(y, drop):
-            e, p = embeds[y].clone(), pooled[y].clone()
-            e[drop] = 0
-            p[drop] = 0
-            return {"encoder_hidden_states": e,
-                    "added_cond_kwargs": {"text_embeds": p, "time_ids": time_ids.expand(len(y), -1)}}
-
-        torch.manual_seed(args.seed)
-        pipe.unet = build_unet(True)
-        t1, c1 = time.time(), time.process_time()
-        log = []
-        train_unet(pipe.unet, latents, labels, cond_sdxl, args.max_train_steps, args.batch_size,
-                   args.learning_rate, args.seed + 2, log, "sdxl", **recipe)
-        report = dict(common_report, arch="sdxl", unet_seconds=round(time.time() - t1, 1),
-                      unet_cpu_seconds=round(time.process_time() - c1, 1), unet_loss=log)
-        _save_atomically(pipe, os.path.join(args.output_dir, "digits-sdxl"), report)
-        print(f"sdxl done in {report['unet_seconds']}s", flush=True)
+        train_sdxl_teacher(args, vae, latents, labels, tokenizer, text_encoder, text_encoder_2, prompts, common_report)
 
 
 if __name__ == "__main__":
