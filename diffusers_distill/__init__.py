@@ -89,9 +89,9 @@ class _DeferredModule(types.ModuleType):
     diffusers reloads a saved pipeline whose scheduler is one of ours only if the module named in ``model_index.json``
     (e.g. ``diffusers_distill.schedulers.scheduling_ghvb``) is already in ``sys.modules``: it never imports it itself
     (see schedulers/__init__.py and docs/schedulers.md). Importing the real modules here would pull torch and diffusers
-    into every ``import diffusers_distill`` (and into ``train_*.py --help``). So each module gets this placeholder, which
-    imports the real module on the first attribute diffusers asks for (the class, ``SchedulerMixin``). The standard
-    library's ``importlib.util.LazyLoader`` does not fit: the modules' relative imports re-enter the package
+    into every ``import diffusers_distill`` (and into ``train_*.py --help``). So each module gets this placeholder,
+    which imports the real module on the first attribute diffusers asks for (the class, ``SchedulerMixin``).
+    The standard library's ``importlib.util.LazyLoader`` does not fit: the modules' relative imports re-enter the package
     ``__init__`` while the lazy module is half-executed.
     """
 

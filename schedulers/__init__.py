@@ -5,7 +5,8 @@ Reloading saved pipelines: ``save_pretrained`` records a scheduler from this pac
 its own libraries; any other module named there is looked up in ``sys.modules`` and must expose the class *and*
 ``SchedulerMixin`` (diffusers picks the loading method by ``issubclass`` against the module's ``SchedulerMixin``).
 So each ``scheduling_*`` module imports ``SchedulerMixin``, and ``import diffusers_distill`` puts a placeholder for
-every ``scheduling_*`` module in ``sys.modules`` that imports the real one on first use (``diffusers_distill._DeferredModule``).
+every ``scheduling_*`` module in ``sys.modules`` that imports the real one on first use
+(``diffusers_distill._DeferredModule``).
 Keep the module paths stable: saved folders and Hub repos name them.
 """
 

@@ -1,5 +1,6 @@
 """Exact Gaussian-mixture denoiser, reference solver and scheduler harness (diffusers_distill.gaussian_mixture)."""
 
+import functools
 import math
 
 import numpy as np
@@ -67,8 +68,9 @@ def _two_gaussian_closed_form(xbar_start, t_start, t_end, mu_u, s_u, mu_c, s_c, 
 
     out = np.empty_like(xbar_start)
     for i in range(len(mu_u)):
-        integral = quad(lambda t: b(t, mu_u[i], mu_c[i]) / phi(t), t_start, t_end, epsabs=1e-13, epsrel=1e-13,
-                        limit=200)[0]
+        integrand = functools.partial(lambda t, mu_u_i, mu_c_i: b(t, mu_u_i, mu_c_i) / phi(t), mu_u_i=mu_u[i],
+                                      mu_c_i=mu_c[i])
+        integral = quad(integrand, t_start, t_end, epsabs=1e-13, epsrel=1e-13, limit=200)[0]
         out[..., i] = phi(t_end) * (xbar_start[..., i] + integral)
     return out
 
