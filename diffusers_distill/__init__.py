@@ -91,8 +91,8 @@ class _DeferredModule(types.ModuleType):
     (see schedulers/__init__.py and docs/schedulers.md). Importing the real modules here would pull torch and diffusers
     into every ``import diffusers_distill`` (and into ``train_*.py --help``). So each module gets this placeholder,
     which imports the real module on the first attribute diffusers asks for (the class, ``SchedulerMixin``).
-    The standard library's ``importlib.util.LazyLoader`` does not fit: the modules' relative imports re-enter the package
-    ``__init__`` while the lazy module is half-executed.
+    The standard library's ``importlib.util.LazyLoader`` does not fit: the modules' relative imports re-enter the
+    package ``__init__`` while the lazy module is half-executed.
     """
 
     def __getattr__(self, attribute: str):
