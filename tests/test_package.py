@@ -73,3 +73,22 @@ def test_no_fmt_skip_markers():
     folders = ("training", "diffusers_distill", "pipelines", "schedulers", "benchmarks", "tests")
     found = {str(p.relative_to(REPO)) for p in _python_files(*folders) if marker in p.read_text(encoding="utf-8")}
     assert not found, sorted(found)
+
+
+def test_import_registers_scheduler_modules_without_importing_torch():
+    """`import diffusers_distill` must make every scheduler module resolvable through sys.modules (diffusers' loader
+    looks saved scheduler modules up there) while importing neither torch nor diffusers."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, diffusers_distill\n"
+        "names = sorted(n for n in sys.modules if n.startswith('diffusers_distill.schedulers.scheduling_'))\n"
+        "heavy = [m for m in ('torch', 'diffusers') if m in sys.modules]\n"
+        "library = sys.modules['diffusers_distill.schedulers.scheduling_ghvb']\n"
+        "cls, mixin = library.GHVBScheduler, library.SchedulerMixin\n"
+        "print(names, heavy, cls.__module__, issubclass(cls, mixin))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    expected = sorted(f"diffusers_distill.schedulers.{p.stem}" for p in (REPO / "schedulers").glob("scheduling_*.py"))
+    assert out == f"{expected} [] diffusers_distill.schedulers.scheduling_ghvb True"
