@@ -857,7 +857,8 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(
     for processes, batch in ((2, "1"), (1, "2")):
         out = tmp_path / f"p{processes}"
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_configs[1]]
-        command += ["--num_cpu_threads_per_process", "1", "--num_processes", str(processes), str(worker)]
+        command += ["--num_cpu_threads_per_process", "1", "--num_processes", str(processes)]
+        command += ["--main_process_port", str(free_port()), str(worker)]  # a port no earlier launch left waiting
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
         args = [*common, "--train_batch_size", batch, "--output_dir", str(out)]
         result = subprocess.run(command + args, capture_output=True, text=True, env=env, timeout=600)
