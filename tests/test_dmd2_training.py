@@ -117,9 +117,14 @@ def test_config_validation_errors(tmp_path):
 
 
 def test_presets_load_and_cli_overrides():
-    for name in ("sd15_1step", "sd15_4step", "sdxl_1step", "sdxl_4step"):
+    for name in ("sd15_1step", "sd15_4step", "sdxl_1step", "sdxl_4step", "sdxl_4step_full"):
         config = DMD2Config.from_file(os.path.join(CONFIGS, f"{name}.json"), pretrained_teacher_model="m")
         assert config.num_inference_steps == (4 if "4step" in name else 1)
+    # the reference's SDXL 4-step recipes: a LoRA or full generator, always a FULL fake score and the GAN term
+    for name, generator, lr in (("sdxl_4step", "lora", 5e-5), ("sdxl_4step_full", "full", 5e-7)):
+        config = DMD2Config.from_file(os.path.join(CONFIGS, f"{name}.json"))
+        assert (config.student_type, config.fake_score_type, config.learning_rate) == (generator, "full", lr)
+        assert (config.generator_gan_loss_weight, config.fake_score_gan_loss_weight) == (5e-3, 1e-2)
     sdxl = DMD2Config.from_file(os.path.join(CONFIGS, "sdxl_1step.json"))
     assert (sdxl.conditioning_timestep, sdxl.real_guidance_scale, sdxl.dfake_gen_update_ratio) == (399, 8.0, 5)
     preset = os.path.join(CONFIGS, "sdxl_4step.json")
