@@ -8,8 +8,9 @@ Trains the two students in parallel (two processes, one thread each), then sampl
 samples t=999 and 4 steps t=999/749/499/249, the students' own timesteps), all at the guidance the students were
 distilled with and from the same seeded noise (every generator seeded, see ``diffusers_distill.evaluation``). For
 each multi-step student it also reports the FD after each of its steps: the exported pipeline run on the first k
-trained timesteps (LCMScheduler returns its x0 prediction at the last step given). Prints a markdown table (prompt accuracy, digits-FD, PSNR vs the
-teacher@25, training wall time) and writes ``dmd2_quality.md``, ``dmd2_quality.json`` and one sample grid per row
+trained timesteps (LCMScheduler returns its x0 prediction at the last step given).
+Prints a markdown table (prompt accuracy, digits-FD, PSNR vs the teacher@25, training wall time) and writes
+``dmd2_quality.md``, ``dmd2_quality.json`` and one sample grid per row
 (rows = sample index, columns = digits 0..9) to ``--output_dir``.
 """
 

@@ -219,8 +219,10 @@ def main(argv=None) -> list[dict]:
     device = accelerator.device
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (1 thread)"
     size = "tiny test UNets, 16x16 latents" if tiny else "real SD 1.5 (64x64 latents) / SDXL (128x128) configs"
-    print(f"gpu_check on {where}: {size}, bf16, batch 1, {args.num_inference_steps}-step student, "
-          f"{args.iterations} timed iterations (+1 warm-up), every iteration a generator turn\n")
+    print(
+        f"gpu_check on {where}: {size}, bf16, batch 1, {args.num_inference_steps}-step student, "
+        f"{args.iterations} timed iterations (+1 warm-up), every iteration a generator turn\n"
+    )
     print("| check | model | latents | layout | s / iteration | peak GPU memory (GiB) | host syncs / iteration |")
     print("|---|---|---|---|---|---|---|")
     rows = []
@@ -231,8 +233,11 @@ def main(argv=None) -> list[dict]:
             peak = "n/a (CPU)" if result["peak_gib"] is None else f"{result['peak_gib']:.1f}"
             syncs = "n/a (CPU)" if result["syncs"] is None else f"{result['syncs']:.1f}"
             name = f"{model}-tiny" if tiny else model
-            print(f"| DMD2 iteration | {name} | {latent}x{latent} | {layout} | {result['s_per_iteration']:.3f} | "
-                  f"{peak} | {syncs} |", flush=True)
+            print(
+                f"| DMD2 iteration | {name} | {latent}x{latent} | {layout} | {result['s_per_iteration']:.3f} | "
+                f"{peak} | {syncs} |",
+                flush=True,
+            )
             rows.append({"model": model, "layout": layout, **result})
     for name, sync in scheduler_rows(device, tiny):
         print(f"| scheduler host-sync check | {name} | {'16x16' if tiny else '128x128'} | - | - | - | {sync} |")

@@ -134,7 +134,10 @@ def main(argv=None) -> list[dict]:
 
     diffusers.utils.logging.set_verbosity_error()
     torch.set_num_threads(1)
-    builders = {"digits": ("digits teacher (SD 1.5 arch.)", digits_pipeline), "sd15": ("SD 1.5 size", sd15_size_pipeline)}
+    builders = {
+        "digits": ("digits teacher (SD 1.5 arch.)", digits_pipeline),
+        "sd15": ("SD 1.5 size", sd15_size_pipeline),
+    }
     print(f"1-step student latency on CPU (1 thread), fp32, batch 1, best of {args.repeats}\n")
     print("| model | latents | pipeline (s) | bare UNet + VAE (s) | ratio | max abs difference |")
     print("|---|---|---|---|---|---|")
@@ -144,8 +147,11 @@ def main(argv=None) -> list[dict]:
         result = measure(build(), args.repeats)
         ratio = result["pipeline_s"] / result["bare_s"]
         size = f"{result['latent']}x{result['latent']}"
-        print(f"| {label} | {size} | {result['pipeline_s']:.4f} | {result['bare_s']:.4f} | {ratio:.3f} | "
-              f"{result['max_abs_difference']:.1e} |", flush=True)
+        print(
+            f"| {label} | {size} | {result['pipeline_s']:.4f} | {result['bare_s']:.4f} | {ratio:.3f} | "
+            f"{result['max_abs_difference']:.1e} |",
+            flush=True,
+        )
         rows.append({"model": name, "ratio": ratio, **result})
     return rows
 

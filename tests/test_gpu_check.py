@@ -19,7 +19,7 @@ def test_gpu_check_runs_every_layout_and_the_scheduler_check_at_tiny_size(capsys
     rows = gpu_check.main(["--tiny", "--iterations", "1"])
     table = capsys.readouterr().out
     runs = [row for row in rows if "layout" in row]
-    assert {(r["model"], r["layout"]) for r in runs} == {(m, l) for m in ("sd15", "sdxl") for l in ("lora", "full")}
+    assert {(r["model"], r["layout"]) for r in runs} == {(m, x) for m in ("sd15", "sdxl") for x in ("lora", "full")}
     assert all(math.isfinite(r["s_per_iteration"]) and r["s_per_iteration"] > 0 for r in runs)
     schedulers = [row for row in rows if "scheduler" in row]
     assert len(schedulers) == 4 and all(r["sync"] == "not checkable on CPU" for r in schedulers)
