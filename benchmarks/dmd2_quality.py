@@ -4,9 +4,13 @@
         [--gan_loss_weight 0] [--output_dir outputs/benchmarks/dmd2_quality]
 
 Trains the two students in parallel (two processes, one thread each), then samples the teacher with DDIM at 25 steps
-(the reference) and at the students' step counts (the no-distillation baseline), all at the guidance the students
-were distilled with and from the same seeded noise. Prints a markdown table (prompt accuracy, digits-FD, PSNR vs the
-teacher@25, training wall time) and writes ``dmd2_quality.md``, ``dmd2_quality.json`` and one sample grid per row
+(the reference) and at the students' step counts (the no-distillation baseline; ``trailing`` spacing, so 1 step
+samples t=999 and 4 steps t=999/749/499/249, the students' own timesteps), all at the guidance the students were
+distilled with and from the same seeded noise (every generator seeded, see ``diffusers_distill.evaluation``). For
+each multi-step student it also reports the FD after each of its steps: the exported pipeline run on the first k
+trained timesteps (LCMScheduler returns its x0 prediction at the last step given).
+Prints a markdown table (prompt accuracy, digits-FD, PSNR vs the teacher@25, training wall time) and writes
+``dmd2_quality.md``, ``dmd2_quality.json`` and one sample grid per row
 (rows = sample index, columns = digits 0..9) to ``--output_dir``.
 """
 
@@ -23,6 +27,13 @@ import torch
 STUDENT_STEPS = (1, 4)
 
 
+def student_timesteps(student_dir: str) -> list[int]:
+    import json
+
+    with open(os.path.join(student_dir, "student_config.json"), encoding="utf-8") as f:
+        return [int(t) for t in json.load(f)["timesteps"]]
+
+
 def _train_student(kwargs: dict) -> dict:
     """Worker: one distillation with one thread (runs in a spawned process)."""
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -37,7 +48,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max_train_steps", type=int, default=6000)
     parser.add_argument("--student_type", default="full", choices=["full", "lora"])
-    parser.add_argument("--guidance", type=float, default=2.0, help="real-score CFG scale = teacher guidance")
+    parser.add_argument("--guidance", type=float, default=1.5, help="real-score CFG scale = teacher guidance")
+    parser.add_argument("--student_steps", type=int, nargs="+", default=list(STUDENT_STEPS), help="students to train")
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument(
         "--fake_score_learning_rate", "--guidance_learning_rate", type=float, default=3e-4, help="fake-score lr"
@@ -81,14 +93,14 @@ def main(argv=None):
             use_ema=args.ema_decay > 0,
             ema_decay=args.ema_decay,
         )
-        for n in STUDENT_STEPS
+        for n in args.student_steps
     ]
     with ProcessPoolExecutor(max_workers=1 if args.sequential else 2, mp_context=get_context("spawn")) as pool:
         students = list(pool.map(_train_student, jobs))
 
     teacher = digits_teacher_path("sd15")
     rows = []
-    for steps in (25, *STUDENT_STEPS):
+    for steps in (25, *args.student_steps):
         grid = os.path.join(args.output_dir, f"teacher-ddim-{steps}.png")
         m = evaluate_pipeline(
             teacher,
@@ -104,7 +116,15 @@ def main(argv=None):
         else:
             m["psnr"] = image_psnr(m["images"], reference)
         rows.append(result_row(f"teacher DDIM (CFG {args.guidance:g})", m))
-    for result in students:
+    for job, result in zip(jobs, students):
+        timesteps = student_timesteps(job["output_dir"])
+        for k in range(1, len(timesteps)):  # the FD after each step but the last (the student row itself)
+            m = evaluate_pipeline(
+                job["output_dir"], scheduler="keep", steps=k, timesteps=timesteps[:k], n_per_digit=args.n_per_digit,
+                seed=args.seed,
+            )
+            m["psnr"] = image_psnr(m["images"], reference)
+            rows.append(result_row(f"DMD2 {len(timesteps)}-step student, after step {k} (t={timesteps[:k]})", m))
         rows.append(result_row(f"DMD2 {args.student_type} student", result["student"], result["train_seconds"]))
     reference_fd = rows[0]["digits_fd"]
     table = results_markdown(rows, reference_fd)

@@ -117,9 +117,14 @@ def test_config_validation_errors(tmp_path):
 
 
 def test_presets_load_and_cli_overrides():
-    for name in ("sd15_1step", "sd15_4step", "sdxl_1step", "sdxl_4step"):
+    for name in ("sd15_1step", "sd15_4step", "sdxl_1step", "sdxl_4step", "sdxl_4step_full"):
         config = DMD2Config.from_file(os.path.join(CONFIGS, f"{name}.json"), pretrained_teacher_model="m")
         assert config.num_inference_steps == (4 if "4step" in name else 1)
+    # the reference's SDXL 4-step recipes: a LoRA or full generator, always a FULL fake score and the GAN term
+    for name, generator, lr in (("sdxl_4step", "lora", 5e-5), ("sdxl_4step_full", "full", 5e-7)):
+        config = DMD2Config.from_file(os.path.join(CONFIGS, f"{name}.json"))
+        assert (config.student_type, config.fake_score_type, config.learning_rate) == (generator, "full", lr)
+        assert (config.generator_gan_loss_weight, config.fake_score_gan_loss_weight) == (5e-3, 1e-2)
     sdxl = DMD2Config.from_file(os.path.join(CONFIGS, "sdxl_1step.json"))
     assert (sdxl.conditioning_timestep, sdxl.real_guidance_scale, sdxl.dfake_gen_update_ratio) == (399, 8.0, 5)
     preset = os.path.join(CONFIGS, "sdxl_4step.json")
@@ -804,3 +809,82 @@ def test_n_step_paths_draw_noise_on_the_generator_device(strict_randomness):
     # the helper draws the same numbers whatever the target device
     a = randn((5,), torch.Generator().manual_seed(1), "cpu")
     torch.testing.assert_close(a, torch.randn((5,), generator=torch.Generator().manual_seed(1)))
+
+
+# Run by `accelerate launch` in the DDP test below. Every random draw of an iteration is made for the GLOBAL batch
+# from a stream shared by all processes, and each process keeps its own slice: 2 processes x batch B then see
+# exactly the samples of 1 process x batch 2B, so the two runs must train the same weights.
+GLOBAL_BATCH_WORKER = """
+import os
+import sys
+from diffusers_distill import students
+from diffusers_distill.training import core, data, dmd2, train_dmd2
+
+world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))  # set by the launcher
+step_generator = core.step_generator
+core.step_generator = lambda seed, step, rank, micro_batch=0: step_generator(seed, step, None, micro_batch)
+
+def randn(shape, generator, device, dtype=None):
+    full = dmd2_randn((shape[0] * world, *shape[1:]), generator, device, dtype)
+    return full[rank * shape[0] : (rank + 1) * shape[0]]
+
+def randint(low, high, size, generator, device):
+    return dmd2_randint(low, high, size * world, generator, device)[rank * size : (rank + 1) * size]
+
+def sample_prompts(self, batch_size, generator):
+    return sample(self, batch_size * world, generator)[rank * batch_size : (rank + 1) * batch_size]
+
+dmd2_randn, dmd2_randint, sample = dmd2.randn, dmd2.randint, data.TrainingData.sample_prompts
+dmd2.randn = students.randn = randn
+dmd2.randint = randint
+data.TrainingData.sample_prompts = sample_prompts
+sys.exit(train_dmd2.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["lora", "full"])
+def test_ddp_two_processes_match_one_process_with_twice_the_batch(
+    layout, sd15_pipeline_dir, data_dir, accelerate_configs, tmp_path
+):
+    """accelerate's DDP (gloo, 2 processes, batch 1 each) trains the same student as 1 process with batch 2, for the
+    shared-base LoRA layout (two adapters on one UNet, alternating phases) and the full layout; 4-step students,
+    generator and fake-score turns, 2-step gradient accumulation."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(GLOBAL_BATCH_WORKER)
+    common = ["--pretrained_teacher_model", sd15_pipeline_dir, "--prompt_file", os.path.join(data_dir, "prompts.txt")]
+    common += ["--max_train_steps", "3", "--num_inference_steps", "4", "--checkpointing_steps", "100", *TINY]
+    common += ["--gradient_accumulation_steps", "2", "--student_type", layout, "--fake_score_type", layout]
+    # Adam's g / sqrt(v) turns float rounding on near-zero gradients (a different reduction order of the batch)
+    # into sign flips of a whole step; an epsilon above those gradients keeps the update linear in them.
+    common += ["--adam_epsilon", "1e-3"]
+    runs = {}
+    for processes, batch in ((2, "1"), (1, "2")):
+        out = tmp_path / f"p{processes}"
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_configs[1]]
+        command += ["--num_cpu_threads_per_process", "1", "--num_processes", str(processes)]
+        command += ["--main_process_port", str(free_port()), str(worker)]  # a port no earlier launch left waiting
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+        args = [*common, "--train_batch_size", batch, "--output_dir", str(out)]
+        result = subprocess.run(command + args, capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        assert f"on {processes} process(es)" in result.stdout
+        runs[processes] = out
+    for a, b in zip(read_losses(runs[2]), read_losses(runs[1])):
+        assert a.keys() == b.keys() and a["step"] == b["step"]
+        for name in a:
+            assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-6), name
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    if layout == "lora":
+        two, one = (load_file(str(runs[p] / "pytorch_lora_weights.safetensors")) for p in (2, 1))
+        before = None
+    else:
+        two, one = (UNet2DConditionModel.from_pretrained(str(runs[p] / "unet")).state_dict() for p in (2, 1))
+        before = UNet2DConditionModel.from_pretrained(sd15_pipeline_dir, subfolder="unet").state_dict()
+    assert two.keys() == one.keys()
+    for key in two:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+    if before is not None:  # the full student did train
+        assert any(not torch.equal(one[key], before[key]) for key in one)

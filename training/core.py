@@ -84,12 +84,19 @@ def setup_logging(accelerator=None) -> None:
 
 
 # ---------------------------------------------------------------------- setup
-def make_accelerator(config: TrainingConfig):
-    """``Accelerator`` with diffusers' project layout (logs under output_dir) and gradient accumulation."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+def make_accelerator(config: TrainingConfig, find_unused_parameters: bool = False):
+    """``Accelerator`` with diffusers' project layout (logs under output_dir) and gradient accumulation.
 
+    ``find_unused_parameters`` is passed to DDP: a method whose training phases each update a different subset of
+    the prepared module's parameters (DMD2: generator, then fake score) needs it, so that DDP marks the other
+    subset ready at once instead of waiting for gradients that never come.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters, broadcast_buffers=False)
     accelerator = Accelerator(
+        kwargs_handlers=[ddp_kwargs],
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
@@ -213,26 +220,15 @@ def make_lr_scheduler(optimizer, config: TrainingConfig, total_steps: int):
     )
 
 
-def average_gradients(params, accelerator) -> None:
-    """All-reduce (mean) the gradients of ``params`` across processes (written by hand: the networks are not
-    DDP-wrapped because several roles share one UNet and run more than one forward per backward)."""
-    if accelerator.num_processes == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= accelerator.num_processes
-    offset = 0
-    for p in params:
-        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
-
-
 def apply_gradients(accelerator, optimizer, params, max_grad_norm: float) -> bool:
-    """At the end of a gradient-accumulation cycle: average, clip, step, zero; returns whether it stepped."""
+    """At the end of a gradient-accumulation cycle: clip, step, zero; returns whether it stepped.
+
+    Averaging across processes is not done here: the trainable networks are ``accelerator.prepare``d, so DDP (or
+    FSDP) all-reduces the gradients during the backward pass, and ``accelerator.accumulate(model)`` skips that
+    all-reduce on the micro-batches that only accumulate.
+    """
     if not accelerator.sync_gradients:
         return False
-    average_gradients(params, accelerator)
     accelerator.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

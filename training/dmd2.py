@@ -73,6 +73,21 @@ class DMD2Parts:
     timesteps: list[int]
     latent_shape: tuple[int, ...]
     device: torch.device
+    prepared: torch.nn.Module | None = None  # ``accelerator.prepare(networks)`` (the DDP/FSDP wrapper), once made
+
+
+def _distributed(parts: DMD2Parts):
+    """The module whose forward runs a training phase: the DDP/FSDP wrapper of the networks when prepared.
+
+    DDP design (docs/dmd2.md, "Distributed training"): the generator phase and the fake-score phase each make ONE
+    call of the prepared module, whose outputs depend on exactly the parameters that phase trains: the generator's
+    output x0 (generator phase; the fake score's passes for the losses run outside it, without gradient to their
+    weights) and the fake score's loss (fake phase; x0 is detached there). With ``find_unused_parameters=True``
+    DDP marks the other role's parameters unused at that forward, keeps their gradients untouched (globally unused)
+    and all-reduces the phase's own. Wrapping the UNet per role is impossible in the shared-base LoRA layout (both
+    adapters live in one module), and ``static_graph`` cannot hold since the used parameters alternate by phase.
+    """
+    return parts.networks if parts.prepared is None else parts.prepared
 
 
 # ---------------------------------------------------------------------- step functions
@@ -92,8 +107,12 @@ def generator_forward(parts: DMD2Parts, config: DMD2Config, accelerator, data, r
         x_in = parts.schedule.add_noise(core.encode_images(parts.vae, real), fresh, t_in)
     else:
         x_in, t_in = generator_input(parts.networks, parts.schedule, noise, cond, steps, k, rng)
-    with accelerator.autocast(), torch.set_grad_enabled(with_grad), parts.networks.role("generator") as generator:
-        return predict_x0(generator, parts.schedule, x_in, t_in, cond), cond
+
+    def run_generator():
+        with accelerator.autocast(), torch.set_grad_enabled(with_grad), parts.networks.role("generator") as generator:
+            return predict_x0(generator, parts.schedule, x_in, t_in, cond)
+
+    return _distributed(parts)(run_generator), cond
 
 
 def _checkpointing_disabled(unet):
@@ -147,24 +166,30 @@ def fake_score_step(parts: DMD2Parts, config: DMD2Config, accelerator, data, x0,
     images (Sec. 4.2); backward into the fake score and GAN head. Returns the detached losses."""
     nets, schedule, device = parts.networks, parts.schedule, parts.device
     x0, batch = x0.detach(), x0.shape[0]
-    t = randint(0, schedule.num_train_timesteps, batch, rng, device)
-    noise = randn(x0.shape, rng, device)
-    with accelerator.autocast(), nets.role("fake_score") as fake_score:
-        output = unet_output(fake_score, schedule.add_noise(x0, noise, t), t, cond)
-    loss_fake = fake_score_loss(output, schedule.denoising_target(x0, noise, t))
-    loss, logs = loss_fake, {"loss_fake": loss_fake.detach()}
-    if config.fake_score_gan_loss_weight > 0:
-        real_images, captions = data.sample_images(batch, rng)
-        real_latents = core.encode_images(parts.vae, real_images)
-        s_fake = randint(0, config.diffusion_gan_max_timestep, batch, rng, device)
-        s_real = randint(0, config.diffusion_gan_max_timestep, batch, rng, device)
-        with accelerator.autocast():
-            x_fake = schedule.add_noise(x0, randn(x0.shape, rng, device), s_fake)
-            x_real = schedule.add_noise(real_latents, randn(x0.shape, rng, device), s_real)
-            fake_logits = nets.gan_logits(x_fake, s_fake, cond)
-            loss_disc = gan_discriminator_loss(fake_logits, nets.gan_logits(x_real, s_real, parts.embed(captions)))
-        loss = loss + config.fake_score_gan_loss_weight * loss_disc
-        logs["loss_disc"] = loss_disc.detach()
+
+    def fake_score_loss_and_logs():  # one forward of the prepared networks (see _distributed)
+        t = randint(0, schedule.num_train_timesteps, batch, rng, device)
+        noise = randn(x0.shape, rng, device)
+        with accelerator.autocast(), nets.role("fake_score") as fake_score:
+            output = unet_output(fake_score, schedule.add_noise(x0, noise, t), t, cond)
+        loss_fake = fake_score_loss(output, schedule.denoising_target(x0, noise, t))
+        loss, logs = loss_fake, {"loss_fake": loss_fake.detach()}
+        if config.fake_score_gan_loss_weight > 0:
+            real_images, captions = data.sample_images(batch, rng)
+            real_latents = core.encode_images(parts.vae, real_images)
+            s_fake = randint(0, config.diffusion_gan_max_timestep, batch, rng, device)
+            s_real = randint(0, config.diffusion_gan_max_timestep, batch, rng, device)
+            with accelerator.autocast():
+                x_fake = schedule.add_noise(x0, randn(x0.shape, rng, device), s_fake)
+                x_real = schedule.add_noise(real_latents, randn(x0.shape, rng, device), s_real)
+                fake_logits = nets.gan_logits(x_fake, s_fake, cond)
+                real_logits = nets.gan_logits(x_real, s_real, parts.embed(captions))
+                loss_disc = gan_discriminator_loss(fake_logits, real_logits)
+            loss = loss + config.fake_score_gan_loss_weight * loss_disc
+            logs["loss_disc"] = loss_disc.detach()
+        return loss, logs
+
+    loss, logs = _distributed(parts)(fake_score_loss_and_logs)
     with nets.role("fake_score"):
         accelerator.backward(loss, inputs=nets.parameters_of("fake_score"))
     return logs
@@ -221,6 +246,7 @@ def register_checkpoint_hooks(accelerator, networks: DMD2Networks, pipeline_clas
     roles = (("generator", GENERATOR_ADAPTER), ("fake_score", FAKE_SCORE_ADAPTER))
 
     def save_hook(models, weights, output_dir):
+        weights.clear()  # the prepared networks are written below in diffusers formats, not as model.safetensors
         if not accelerator.is_main_process:
             return
         for role, adapter in roles:
@@ -235,6 +261,7 @@ def register_checkpoint_hooks(accelerator, networks: DMD2Networks, pipeline_clas
             core.save_ema_state(ema, os.path.join(output_dir, "ema_generator.safetensors"))
 
     def load_hook(models, input_dir):
+        models.clear()  # restored below; accelerate must not look for model.safetensors
         for role, adapter in roles:
             if networks.unet(role) is networks.base_unet:
                 load_lora_adapter(os.path.join(input_dir, f"{role}_lora"), networks.base_unet, adapter)
@@ -314,7 +341,7 @@ def train_step(step: int, parts: DMD2Parts, config: DMD2Config, accelerator, dat
     generator_turn = step % config.dfake_gen_update_ratio == 0
     totals: dict[str, torch.Tensor] = {}
     for micro_batch in range(config.gradient_accumulation_steps):
-        with accelerator.accumulate():
+        with accelerator.accumulate(*([] if parts.prepared is None else [parts.prepared])):
             rng = core.step_generator(config.seed, step, accelerator.process_index, micro_batch)
             shared_rng = core.step_generator(config.seed, step, None, micro_batch)
             x0, cond = generator_forward(parts, config, accelerator, data, rng, shared_rng, generator_turn)
@@ -393,7 +420,7 @@ def train_dmd2(config: DMD2Config) -> dict:
     # 1. Check every option before anything is loaded.
     config.validate()
     # 2. accelerate, logging and the seed; the Hub repo and token are checked now, not after training.
-    accelerator = core.make_accelerator(config)
+    accelerator = core.make_accelerator(config, find_unused_parameters=True)  # phases train disjoint parameters
     core.setup_logging(accelerator)
     set_seed(config.seed)  # identical initial weights (LoRA init, GAN head) on every process
     repo_id = prepare_hub(config, accelerator)
@@ -403,6 +430,7 @@ def train_dmd2(config: DMD2Config) -> dict:
     pipe = core.load_teacher_pipeline(config, accelerator.device, core.weight_dtype(accelerator))
     data.resolution = resolution = core.teacher_resolution(pipe, config.resolution)
     parts = build_parts(config, accelerator, pipe, resolution)
+    parts.prepared = accelerator.prepare(parts.networks)  # DDP wrapper with several processes (see _distributed)
     # 5. Optimizers and learning-rate schedules.
     total_steps = core.num_training_steps(config, len(data.prompts), accelerator.num_processes)
     optimizers, schedulers = make_optimizers(config, parts, accelerator, total_steps)
