@@ -147,7 +147,7 @@ def flow_map_inputs(parts: FlowMapParts, config: FlowMapConfig, accelerator, dat
             _, target, _ = _velocities(parts, config, cond, cond)
             x_s = z + (s - start).view(-1, 1, 1, 1) * target(z, start, s)
     uncond = parts.prompt_encoder.unconditional_embeddings(cond)
-    return x_s.float(), s, t, cond, uncond
+    return x_s.float().contiguous(), s, t, cond, uncond  # contiguous: the JVP of group_norm needs it
 
 
 def flow_map_loss(parts: FlowMapParts, config: FlowMapConfig, x_s, s, t, cond, uncond) -> torch.Tensor:
