@@ -6,7 +6,8 @@ iteration.
 
 The UNet is the real SD 1.5 config (``UNet2DConditionModel()`` defaults, ~860M parameters) with random weights (no
 Hub), batch 1, 16x16 latents, fp32, LoRA rank 64 students (DMD2's SD setting; the flow-map student also trains its
-new jump pathway). Each measurement runs in a fresh subprocess (``ru_maxrss`` is a per-process high-water mark):
+new jump pathway). Both keep one frozen UNet: DMD2's shared base, and the flow-map LoRA student, which is its own
+teacher with the adapters off. Each measurement runs in a fresh subprocess (``ru_maxrss`` is a per-process high-water mark):
 
 * **flow map**: the library's :func:`diffusers_distill.training.flow_map.flow_map_loss` (teacher CFG 4.5, one
   batched CFG call per teacher velocity) + ``accelerator.backward`` + the core's ``apply_gradients`` + the target
@@ -89,11 +90,12 @@ def measure_flow_map(loss: str, latent_size: int, iterations: int) -> dict:
     torch.manual_seed(0)
     teacher = UNet2DConditionModel().requires_grad_(False)  # default config = the SD 1.5 UNet
     student = build_flow_map_student(teacher, "lora", lora_rank=LORA_RANK, lora_alpha=LORA_RANK)
+    del teacher  # as train_flow_map: a LoRA student is its own teacher with the adapters off (one UNet)
     alphas = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
     params = [p for p in student.parameters() if p.requires_grad]
     config = FlowMapConfig(loss=loss, train_batch_size=1)
     parts = FlowMapParts(
-        model=FlowMapUNet(student, alphas), teacher_unet=teacher, params=params,
+        model=FlowMapUNet(student, alphas), teacher_unet=None, params=params,
         target=EMAModel(params, decay=config.target_ema_decay) if loss in ("itvm", "progressive") else None,
         prompt_encoder=None, embed=None, vae=None, latent_shape=(1, 4, latent_size, latent_size),
         sigma_max=vp_sigma_range(alphas)[1], prediction_type="epsilon", device=torch.device("cpu"),
@@ -101,7 +103,7 @@ def measure_flow_map(loss: str, latent_size: int, iterations: int) -> dict:
     accelerator = _accelerator()
     optimizer = core.make_optimizer(params, 1e-5, config)
     generator = torch.Generator().manual_seed(0)
-    cond = PromptEmbeddings(torch.randn(1, 77, teacher.config.cross_attention_dim, generator=generator))
+    cond = PromptEmbeddings(torch.randn(1, 77, student.config.cross_attention_dim, generator=generator))
     uncond = PromptEmbeddings(torch.zeros_like(cond.prompt_embeds))
     baseline = _start_training_peak()
 
@@ -170,7 +172,7 @@ def measure_in_subprocess(name: str, latent_size: int, iterations: int) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--latent-size", type=int, default=16)
-    parser.add_argument("--iterations", type=int, default=2, help="timed iterations per row (the fastest is shown)")
+    parser.add_argument("--iterations", type=int, default=1, help="timed iterations per row (the fastest is shown)")
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
     parser.add_argument("--output-dir", default="outputs/benchmarks")
     args = parser.parse_args(argv)

@@ -181,7 +181,29 @@ def test_flow_map_step_trains_only_the_adapter_and_the_pathway(flow_map_setup, l
     with_grad = {n for n, p in parts.student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert "time_embedding.cond_proj.weight" in with_grad and any("lora_B" in n for n in with_grad)
     assert all("lora_" in n or "cond_proj" in n for n in with_grad)
-    assert all(p.grad is None for p in parts.teacher_unet.parameters())
+    assert parts.teacher_unet is None  # LoRA: one UNet, the teacher is the student with adapters off
+
+
+def test_lora_student_with_adapters_off_is_the_teacher(flow_map_setup, sd15_pipeline_dir):
+    """The shared-weights teacher of a LoRA student gives the teacher pipeline's own UNet output, also after the
+    adapter and the pathway have been trained."""
+    from diffusers import DiffusionPipeline
+
+    from diffusers_distill.training.flow_map import teacher_network
+
+    config, accelerator, parts, data = flow_map_setup
+    with torch.no_grad():
+        for p in parts.params:
+            p.add_(0.1 * torch.randn_like(p))
+    teacher = DiffusionPipeline.from_pretrained(sd15_pipeline_dir).unet
+    x, text = torch.randn(2, 4, 32, 32), torch.randn(2, 77, teacher.config.cross_attention_dim)
+    t = torch.tensor([999.0, 321.5])
+    with torch.no_grad(), teacher_network(parts) as unet:
+        shared = unet(x, t, text).sample
+    with torch.no_grad():
+        student = parts.student(x, t, text).sample
+    torch.testing.assert_close(shared, teacher(x, t, text).sample, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(student, shared)  # the adapters are back on after the context
 
 
 # ---------------------------------------------------------------------- in-process training

@@ -68,7 +68,7 @@ class FlowMapParts:
     """Everything the flow-map step functions use: the student, the frozen teacher, the target EMA, text encoding."""
 
     model: FlowMapUNet  # the student as u(z, s, t)
-    teacher_unet: torch.nn.Module
+    teacher_unet: torch.nn.Module | None  # None for a LoRA student: the teacher is the student with adapters off
     params: list  # the trainable parameters (adapter + pathway, or the whole UNet)
     target: object | None  # diffusers EMAModel of ``params`` for the loss targets (None: the online weights)
     prompt_encoder: PromptEncoder
@@ -85,6 +85,20 @@ class FlowMapParts:
 
 
 # ---------------------------------------------------------------------- step functions
+@contextlib.contextmanager
+def teacher_network(parts: FlowMapParts):
+    """The frozen teacher UNet. A LoRA student shares the teacher's weights (one UNet in memory, as DMD2's shared
+    base): with its adapters disabled and no ``timestep_cond`` (the jump pathway is skipped) it *is* the teacher."""
+    if parts.teacher_unet is not None:
+        yield parts.teacher_unet
+        return
+    parts.student.disable_adapters()
+    try:
+        yield parts.student
+    finally:
+        parts.student.enable_adapters()
+
+
 @contextlib.contextmanager
 def target_weights(parts: FlowMapParts):
     """The target network: the target EMA's weights swapped into the student (or the online weights), no grad."""
@@ -108,8 +122,9 @@ def _velocities(parts: FlowMapParts, config: FlowMapConfig, cond: PromptEmbeddin
 
     @torch.no_grad()
     def teacher(z, sigma):
-        return sd_teacher_velocity(parts.teacher_unet, z, sigma, alphas, cond_kwargs, uncond_kwargs,
-                                   config.guidance_scale, parts.prediction_type)  # fmt: skip
+        with teacher_network(parts) as unet:
+            return sd_teacher_velocity(unet, z, sigma, alphas, cond_kwargs, uncond_kwargs, config.guidance_scale,
+                                       parts.prediction_type)  # fmt: skip
 
     return student, target, teacher
 
@@ -196,6 +211,9 @@ def build_parts(config: FlowMapConfig, accelerator, pipe, resolution: int) -> Fl
     if config.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     params = [p for p in student.parameters() if p.requires_grad]
+    if config.student_type == "lora":  # the student holds the teacher's weights: drop the second copy
+        pipe.register_modules(unet=None)
+        teacher = None
     prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
     model = FlowMapUNet(student, pipe.scheduler.alphas_cumprod, prediction_type).to(accelerator.device)
     target = EMAModel(params, decay=config.target_ema_decay) if config.target_ema_decay > 0 else None
@@ -204,7 +222,7 @@ def build_parts(config: FlowMapConfig, accelerator, pipe, resolution: int) -> Fl
     encoder = PromptEncoder(pipe, resolution, config.unconditional)
     return FlowMapParts(
         model=model,
-        teacher_unet=teacher,
+        teacher_unet=teacher,  # None for LoRA: see teacher_network
         params=params,
         target=target,
         prompt_encoder=encoder,
