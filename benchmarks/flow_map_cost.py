@@ -4,10 +4,11 @@ iteration.
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/flow_map_cost.py [--latent-size 16] [--iterations 2] \
         [--output-dir outputs/benchmarks]
 
-The UNet is the real SD 1.5 config (``UNet2DConditionModel()`` defaults, ~860M parameters) with random weights (no
-Hub), batch 1, 16x16 latents, fp32, LoRA rank 64 students (DMD2's SD setting; the flow-map student also trains its
-new jump pathway). Both keep one frozen UNet: DMD2's shared base, and the flow-map LoRA student, which is its own
-teacher with the adapters off. Each measurement runs in a fresh subprocess (``ru_maxrss`` is a per-process high-water mark):
+The UNet is the real SD 1.5 config (``UNet2DConditionModel()`` defaults, ~860M parameters) with random weights
+(no Hub), batch 1, 16x16 latents, fp32, LoRA rank 64 students (DMD2's SD setting; the flow-map student also trains
+its new jump pathway). Both keep one frozen UNet: DMD2's shared base, and the flow-map LoRA student, which is its
+own teacher with the adapters off. Each measurement runs in a fresh subprocess (``ru_maxrss`` is a per-process
+high-water mark):
 
 * **flow map**: the library's :func:`diffusers_distill.training.flow_map.flow_map_loss` (teacher CFG 4.5, one
   batched CFG call per teacher velocity) + ``accelerator.backward`` + the core's ``apply_gradients`` + the target
@@ -95,11 +96,18 @@ def measure_flow_map(loss: str, latent_size: int, iterations: int) -> dict:
     params = [p for p in student.parameters() if p.requires_grad]
     config = FlowMapConfig(loss=loss, train_batch_size=1)
     parts = FlowMapParts(
-        model=FlowMapUNet(student, alphas), teacher_unet=None, params=params,
+        model=FlowMapUNet(student, alphas),
+        teacher_unet=None,
+        params=params,
         target=EMAModel(params, decay=config.target_ema_decay) if loss in ("itvm", "progressive") else None,
-        prompt_encoder=None, embed=None, vae=None, latent_shape=(1, 4, latent_size, latent_size),
-        sigma_max=vp_sigma_range(alphas)[1], prediction_type="epsilon", device=torch.device("cpu"),
-    )  # fmt: skip
+        prompt_encoder=None,
+        embed=None,
+        vae=None,
+        latent_shape=(1, 4, latent_size, latent_size),
+        sigma_max=vp_sigma_range(alphas)[1],
+        prediction_type="epsilon",
+        device=torch.device("cpu"),
+    )
     accelerator = _accelerator()
     optimizer = core.make_optimizer(params, 1e-5, config)
     generator = torch.Generator().manual_seed(0)
@@ -141,9 +149,16 @@ def measure_dmd2(latent_size: int, iterations: int) -> dict:
     def embed(prompts):
         return PromptEmbeddings(torch.randn(len(prompts), 77, width, generator=torch.Generator().manual_seed(0)))
 
-    parts = dmd2.DMD2Parts(networks=networks, schedule=schedule, prompt_encoder=encoder, embed=embed, vae=None,
-                           timesteps=[999], latent_shape=(1, 4, latent_size, latent_size),
-                           device=torch.device("cpu"))  # fmt: skip
+    parts = dmd2.DMD2Parts(
+        networks=networks,
+        schedule=schedule,
+        prompt_encoder=encoder,
+        embed=embed,
+        vae=None,
+        timesteps=[999],
+        latent_shape=(1, 4, latent_size, latent_size),
+        device=torch.device("cpu"),
+    )
     config = dmd2.DMD2Config(train_batch_size=1, dfake_gen_update_ratio=1)
     accelerator = _accelerator()
     optimizers = [core.make_optimizer(networks.parameters_of(r), 1e-5, config) for r in ("generator", "fake_score")]
@@ -159,8 +174,11 @@ def measure_dmd2(latent_size: int, iterations: int) -> dict:
 
 
 def measure_in_subprocess(name: str, latent_size: int, iterations: int) -> dict:
-    call = f"b.measure_dmd2({latent_size}, {iterations})" if name == "dmd2" else \
-        f"b.measure_flow_map({name!r}, {latent_size}, {iterations})"  # fmt: skip
+    call = (
+        f"b.measure_dmd2({latent_size}, {iterations})"
+        if name == "dmd2"
+        else f"b.measure_flow_map({name!r}, {latent_size}, {iterations})"
+    )
     code = f"import json, benchmarks.flow_map_cost as b; print(json.dumps({call}))"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
@@ -196,9 +214,12 @@ def main(argv=None):
         )
     if "itvm" in rows and "lfmd" in rows:
         itvm, lfmd = rows["itvm"], rows["lfmd"]
-        lines += ["", f"ITVM / LFMD: peak RSS {itvm['peak_bytes'] / lfmd['peak_bytes']:.2f}x, training peak "
-                  f"{itvm['training_bytes'] / lfmd['training_bytes']:.2f}x, time "
-                  f"{itvm['seconds'] / lfmd['seconds']:.2f}x"]  # fmt: skip
+        lines += [
+            "",
+            f"ITVM / LFMD: peak RSS {itvm['peak_bytes'] / lfmd['peak_bytes']:.2f}x, training peak "
+            f"{itvm['training_bytes'] / lfmd['training_bytes']:.2f}x, time "
+            f"{itvm['seconds'] / lfmd['seconds']:.2f}x",
+        ]
     text = "\n".join(lines) + "\n"
     print(text, end="")
 

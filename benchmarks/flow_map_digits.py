@@ -77,12 +77,21 @@ def _evaluate_student(pipe, steps: int, n_per_digit: int, seed: int, reference, 
     labels = torch.arange(10).repeat_interleave(n_per_digit)
     size, channels = pipe.unet.config.sample_size, pipe.unet.config.in_channels
     latents = torch.randn(len(labels), channels, size, size, generator=torch.Generator().manual_seed(seed))
-    images = pipe([digit_prompt(int(y)) for y in labels], num_inference_steps=steps, latents=latents,
-                  output_type="pt").images * 2 - 1  # fmt: skip
+    images = (
+        pipe(
+            [digit_prompt(int(y)) for y in labels], num_inference_steps=steps, latents=latents, output_type="pt"
+        ).images
+        * 2
+        - 1
+    )
     order = torch.arange(len(labels)).reshape(10, n_per_digit).T.flatten()
     save_image_grid(images[order], grid_path, nrow=10)
-    return {"steps": steps, "prompt_accuracy": prompt_accuracy(images, labels), "digits_fd": digits_fd(images),
-            "psnr": image_psnr(images, reference)}  # fmt: skip
+    return {
+        "steps": steps,
+        "prompt_accuracy": prompt_accuracy(images, labels),
+        "digits_fd": digits_fd(images),
+        "psnr": image_psnr(images, reference),
+    }
 
 
 def _real_data_floor(n_per_digit: int) -> dict:
@@ -93,8 +102,12 @@ def _real_data_floor(n_per_digit: int) -> dict:
 
     images, labels = load_digits_split("train")
     picked = torch.cat([torch.nonzero(labels == d).flatten()[:n_per_digit] for d in range(10)])
-    return {"steps": "-", "prompt_accuracy": prompt_accuracy(images[picked], labels[picked]),
-            "digits_fd": digits_fd(images[picked]), "psnr": None}  # fmt: skip
+    return {
+        "steps": "-",
+        "prompt_accuracy": prompt_accuracy(images[picked], labels[picked]),
+        "digits_fd": digits_fd(images[picked]),
+        "psnr": None,
+    }
 
 
 def _plot(rows: list[dict], path: str) -> None:
@@ -113,8 +126,14 @@ def _plot(rows: list[dict], path: str) -> None:
     floor = next(r["digits_fd"] for r in rows if r["model"].startswith("real"))
     axis.axhline(reference, color="k", linestyle="--", label="teacher DDIM 25 steps")
     axis.axhline(floor, color="g", linestyle=":", label="real-data floor")
-    axis.set(xscale="log", yscale="log", xlabel="steps", ylabel="digits-FD", xticks=list(STEPS),
-             xticklabels=[str(s) for s in STEPS])  # fmt: skip
+    axis.set(
+        xscale="log",
+        yscale="log",
+        xlabel="steps",
+        ylabel="digits-FD",
+        xticks=list(STEPS),
+        xticklabels=[str(s) for s in STEPS],
+    )
     axis.legend(fontsize=8)
     figure.tight_layout()
     with atomic_path(path) as tmp:
@@ -122,13 +141,17 @@ def _plot(rows: list[dict], path: str) -> None:
 
 
 def _markdown(rows: list[dict], reference_fd: float) -> str:
-    lines = ["| model | steps | prompt acc. | digits-FD | FD / teacher@25 | PSNR vs teacher@25 (dB) | training |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| model | steps | prompt acc. | digits-FD | FD / teacher@25 | PSNR vs teacher@25 (dB) | training |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         psnr = "-" if r.get("psnr") is None else f"{r['psnr']:.1f}"
         train = r.get("training", "-")
-        lines.append(f"| {r['model']} | {r['steps']} | {r['prompt_accuracy']:.3f} | {r['digits_fd']:.2f} | "
-                     f"{r['digits_fd'] / reference_fd:.2f}x | {psnr} | {train} |")  # fmt: skip
+        lines.append(
+            f"| {r['model']} | {r['steps']} | {r['prompt_accuracy']:.3f} | {r['digits_fd']:.2f} | "
+            f"{r['digits_fd'] / reference_fd:.2f}x | {psnr} | {train} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -163,19 +186,33 @@ def main(argv=None):
         training = _train(args)
         atomic_write_json(training_path, training)
 
-    teacher, rows = digits_teacher_path("sd15"), []
+    teacher, rows, reference = digits_teacher_path("sd15"), [], None
     for steps in (TEACHER_STEPS, *STEPS):
-        m = evaluate_pipeline(teacher, scheduler="ddim", steps=steps, guidance=args.guidance,
-                              n_per_digit=args.n_per_digit, seed=args.seed,
-                              scheduler_kwargs={"timestep_spacing": "trailing"},
-                              grid_path=os.path.join(args.output_dir, f"teacher-ddim-{steps}.png"),
-                              reference=None if steps == TEACHER_STEPS else reference)  # fmt: skip
+        m = evaluate_pipeline(
+            teacher,
+            scheduler="ddim",
+            steps=steps,
+            guidance=args.guidance,
+            n_per_digit=args.n_per_digit,
+            seed=args.seed,
+            scheduler_kwargs={"timestep_spacing": "trailing"},
+            grid_path=os.path.join(args.output_dir, f"teacher-ddim-{steps}.png"),
+            reference=None if steps == TEACHER_STEPS else reference,
+        )
         if steps == TEACHER_STEPS:
             reference = m["images"]
-        rows.append({"model": f"teacher DDIM trailing (CFG {args.guidance:g})", "steps": steps,
-                     "prompt_accuracy": m["prompt_accuracy"], "digits_fd": m["digits_fd"], "psnr": m.get("psnr")})  # fmt: skip
-    pipe = FlowMapStableDiffusionPipeline.from_pretrained(os.path.join(args.output_dir, "student"),
-                                                          local_files_only=True)  # fmt: skip
+        rows.append(
+            {
+                "model": f"teacher DDIM trailing (CFG {args.guidance:g})",
+                "steps": steps,
+                "prompt_accuracy": m["prompt_accuracy"],
+                "digits_fd": m["digits_fd"],
+                "psnr": m.get("psnr"),
+            }
+        )
+    pipe = FlowMapStableDiffusionPipeline.from_pretrained(
+        os.path.join(args.output_dir, "student"), local_files_only=True
+    )
     pipe.set_progress_bar_config(disable=True)
     minutes = f"{training['cpu_seconds'] / 60:.1f} CPU min ({training['wall_seconds'] / 60:.1f} min wall)"
     for steps in STEPS:
@@ -194,8 +231,11 @@ def main(argv=None):
     )
     print(header + "\n\n" + table, end="")
     atomic_write_text(os.path.join(args.output_dir, "flow_map_digits.md"), header + "\n\n" + table)
-    atomic_write_json(os.path.join(args.output_dir, "flow_map_digits.json"),
-                      {"args": vars(args), "training": training, "rows": rows}, sort_keys=False)  # fmt: skip
+    atomic_write_json(
+        os.path.join(args.output_dir, "flow_map_digits.json"),
+        {"args": vars(args), "training": training, "rows": rows},
+        sort_keys=False,
+    )
     _plot(rows, os.path.join(args.output_dir, "flow_map_digits.png"))
     return rows
 

@@ -197,7 +197,8 @@ def push_student_to_hub(
     """Upload an exported student folder to ``repo_id`` (created if missing) with a model card.
 
     ``required_file`` marks an exported student (``student_config.json`` for DMD2; the flow-map trainer passes
-    ``flow_map_config.json`` or ``model_index.json`` and writes its own card). Training leftovers (``checkpoint-*``, ``logs``, ``validation``, temp files) are not uploaded. If the upload fails,
+    ``flow_map_config.json`` or ``model_index.json`` and writes its own card).
+    Training leftovers (``checkpoint-*``, ``logs``, ``validation``, temp files) are not uploaded. If the upload fails,
     the local folder is untouched and a ``RuntimeError`` tells the exact command to retry.
     Returns ``upload_folder``'s commit info.
     """

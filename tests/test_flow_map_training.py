@@ -256,9 +256,18 @@ def test_saved_student_loads_in_a_fresh_process_and_gives_the_validated_images(
 
     teacher = sd15_pipeline_dir if arch == "sd15" else sdxl_pipeline_dir
     out, prompt = tmp_path / "out", "a photo of a cat"
-    config = tiny_config(teacher, out, prompt_file=os.path.join(data_dir, "prompts.txt"), max_train_steps=2,
-                         student_type=student_type, default_num_inference_steps=2, validation_prompts=[prompt],
-                         validation_steps=2, seed=5, ema_decay=0.5)  # fmt: skip
+    config = tiny_config(
+        teacher,
+        out,
+        prompt_file=os.path.join(data_dir, "prompts.txt"),
+        max_train_steps=2,
+        student_type=student_type,
+        default_num_inference_steps=2,
+        validation_prompts=[prompt],
+        validation_steps=2,
+        seed=5,
+        ema_decay=0.5,
+    )
     train_flow_map(config)
     validated = np.asarray(Image.open(out / "validation" / "step-2.png"))
     cls = "FlowMapStableDiffusionPipeline" if arch == "sd15" else "FlowMapStableDiffusionXLPipeline"
@@ -307,8 +316,15 @@ def test_launch_every_loss(arch, loss, sd15_pipeline_dir, sdxl_pipeline_dir, dat
     teacher = sd15_pipeline_dir if arch == "sd15" else sdxl_pipeline_dir
     out = tmp_path / "out"
     data = {"train_data_dir": data_dir} if arch == "sdxl" else {"prompt_file": os.path.join(data_dir, "prompts.txt")}
-    values = dict(TINY, pretrained_teacher_model=teacher, output_dir=str(out), loss=loss, max_train_steps=3,
-                  checkpointing_steps=2, **data)  # fmt: skip
+    values = dict(
+        TINY,
+        pretrained_teacher_model=teacher,
+        output_dir=str(out),
+        loss=loss,
+        max_train_steps=3,
+        checkpointing_steps=2,
+        **data,
+    )
     result = launch(accelerate_config, flags(values))
     assert f"flow-map distillation ({loss}) finished at step 3 on 1 process(es)" in result.stdout
     assert [r["step"] for r in read_losses(out)] == [1, 2, 3]
@@ -317,3 +333,50 @@ def test_launch_every_loss(arch, loss, sd15_pipeline_dir, sdxl_pipeline_dir, dat
     pipe = cls.from_pretrained(teacher, student=str(out))
     assert pipe.config.default_num_inference_steps == 4 and pipe.unet.config.time_cond_proj_dim == 8
     assert pipe.unet.time_embedding.cond_proj.weight.abs().sum() > 0  # the trained pathway, not the zero init
+
+
+@pytest.mark.slow
+def test_launch_two_processes_gloo_resumes_to_the_same_weights(sd15_pipeline_dir, data_dir, tmp_path):
+    """2 processes (gloo, gradients averaged by the core): an uninterrupted run and a run resumed from its
+    checkpoint export the same adapter and pathway."""
+    import socket
+
+    from safetensors.torch import load_file
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = tmp_path / "multi_cpu.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n"
+        "num_machines: 1\nmachine_rank: 0\nmain_training_function: main\nmixed_precision: 'no'\n"
+        f"use_cpu: false\nmain_process_ip: 127.0.0.1\nmain_process_port: {port}\n"
+    )
+    values = dict(
+        TINY,
+        pretrained_teacher_model=sd15_pipeline_dir,
+        max_train_steps=3,
+        checkpointing_steps=2,
+        prompt_file=os.path.join(data_dir, "prompts.txt"),
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+
+    def run(output_dir, *extra):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+        command += ["--num_cpu_threads_per_process", "1", "--num_processes", "2", SCRIPT]
+        command += flags({**values, "output_dir": str(output_dir)}) + list(extra)
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        return result
+
+    out = tmp_path / "out"
+    assert "on 2 process(es)" in run(out).stdout
+    assert os.path.exists(out / "checkpoint-2" / "random_states_1.pkl")
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    run(resumed, "--resume_from_checkpoint", "latest")
+    assert read_losses(resumed)[-1] == read_losses(out)[-1]
+    for name in ("pytorch_lora_weights.safetensors", "flow_map_pathway.safetensors"):
+        a, b = load_file(out / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

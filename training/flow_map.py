@@ -123,8 +123,9 @@ def _velocities(parts: FlowMapParts, config: FlowMapConfig, cond: PromptEmbeddin
     @torch.no_grad()
     def teacher(z, sigma):
         with teacher_network(parts) as unet:
-            return sd_teacher_velocity(unet, z, sigma, alphas, cond_kwargs, uncond_kwargs, config.guidance_scale,
-                                       parts.prediction_type)  # fmt: skip
+            return sd_teacher_velocity(
+                unet, z, sigma, alphas, cond_kwargs, uncond_kwargs, config.guidance_scale, parts.prediction_type
+            )
 
     return student, target, teacher
 
@@ -169,8 +170,16 @@ def flow_map_loss(parts: FlowMapParts, config: FlowMapConfig, x_s, s, t, cond, u
     """The configured loss (with graph) of one batch; the JVP losses run with a forward-mode-AD attention."""
     student, target, teacher = _velocities(parts, config, cond, uncond)
     if config.loss == "itvm":
-        return itvm_loss(student, target, teacher, x_s, s, t, num_nodes=config.itvm_num_nodes,
-                         initial_weight=config.itvm_initial_weight)  # fmt: skip
+        return itvm_loss(
+            student,
+            target,
+            teacher,
+            x_s,
+            s,
+            t,
+            num_nodes=config.itvm_num_nodes,
+            initial_weight=config.itvm_initial_weight,
+        )
     if config.loss == "progressive":
         return progressive_flow_map_loss(student, target, teacher, x_s, s, t)
     with forward_ad_attention(parts.student):
@@ -300,9 +309,13 @@ def save_student(config: FlowMapConfig, parts: FlowMapParts, pipe) -> None:
 
     scheduler_config = {"sigma_spacing": config.sigma_spacing}
     if getattr(parts.student, "peft_config", None):
-        save_flow_map_lora_student(config.output_dir, parts.student, type(pipe),
-                                   default_num_inference_steps=config.default_num_inference_steps,
-                                   **scheduler_config)  # fmt: skip
+        save_flow_map_lora_student(
+            config.output_dir,
+            parts.student,
+            type(pipe),
+            default_num_inference_steps=config.default_num_inference_steps,
+            **scheduler_config,
+        )
     else:
         student_pipe = flow_map_pipeline_class(pipe).from_teacher(
             pipe, merge_flow_map_student(parts.student), config.default_num_inference_steps, **scheduler_config
@@ -321,11 +334,15 @@ def write_model_card(config: FlowMapConfig, arch: str, repo_id: str) -> str:
     family = {"sd15": ["stable-diffusion"], "sdxl": ["stable-diffusion-xl"]}[arch]
     tags = ["diffusers", "text-to-image", "distillation", "few-step", "flow-map", config.loss, *family]
     tags += ["lora"] if config.student_type == "lora" else []
-    card = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image",
-                         base_model=config.pretrained_teacher_model, tags=tags)  # fmt: skip
+    card = ModelCardData(
+        library_name="diffusers", pipeline_tag="text-to-image", base_model=config.pretrained_teacher_model, tags=tags
+    )
     pipeline = "FlowMapStableDiffusionXLPipeline" if arch == "sdxl" else "FlowMapStableDiffusionPipeline"
-    load = (f'{pipeline}.from_pretrained("{config.pretrained_teacher_model}", student="{repo_id}")'
-            if config.student_type == "lora" else f'{pipeline}.from_pretrained("{repo_id}")')  # fmt: skip
+    load = (
+        f'{pipeline}.from_pretrained("{config.pretrained_teacher_model}", student="{repo_id}")'
+        if config.student_type == "lora"
+        else f'{pipeline}.from_pretrained("{repo_id}")'
+    )
     text = f"""---
 {card.to_yaml()}
 ---
@@ -333,8 +350,8 @@ def write_model_card(config: FlowMapConfig, arch: str, repo_id: str) -> str:
 # {repo_id.split("/")[-1]}
 
 A two-timed flow-map student ({config.student_type}) of `{config.pretrained_teacher_model}`, distilled with the
-`{config.loss}` loss of diffusers-distill (`training/train_flow_map.py`; teacher CFG {config.guidance_scale:g} distilled in,
-{config.max_train_steps} iterations). One network call per step; any step count from 1 up samples the same
+`{config.loss}` loss of diffusers-distill (`training/train_flow_map.py`; teacher CFG {config.guidance_scale:g}
+distilled in, {config.max_train_steps} iterations). One network call per step; any step count from 1 up samples the same
 model (default {config.default_num_inference_steps}, `{config.sigma_spacing}` grid in rectified-flow time).
 
 ```python
@@ -378,8 +395,9 @@ def make_optimizer(config: FlowMapConfig, parts: FlowMapParts, accelerator, tota
     return accelerator.prepare(optimizer, core.make_lr_scheduler(optimizer, config, total_steps))
 
 
-def train_step(step: int, parts: FlowMapParts, config: FlowMapConfig, accelerator, data, optimizer, scheduler,
-               ema) -> dict:  # fmt: skip
+def train_step(
+    step: int, parts: FlowMapParts, config: FlowMapConfig, accelerator, data, optimizer, scheduler, ema
+) -> dict:
     """One iteration (``gradient_accumulation_steps`` micro-batches), then the optimizer step and both EMAs.
     Returns the loss averaged over the micro-batches (a tensor)."""
     totals: dict[str, torch.Tensor] = {}
@@ -404,8 +422,13 @@ def train_loop(config, accelerator, parts, data, optimizer, scheduler, ema, star
 
     loss_log = core.LossLog(config.output_dir, start_step, accelerator.is_main_process)
     last_checkpoint, history = find_latest_checkpoint(config.output_dir), []
-    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
-                    desc=f"flow map ({config.loss})", disable=not accelerator.is_local_main_process)  # fmt: skip
+    progress = tqdm(
+        range(start_step, total_steps),
+        initial=start_step,
+        total=total_steps,
+        desc=f"flow map ({config.loss})",
+        disable=not accelerator.is_local_main_process,
+    )
     for step in progress:
         logs = train_step(step, parts, config, accelerator, data, optimizer, scheduler, ema)
         record = core.reduce_logs(accelerator, step + 1, logs)
@@ -469,8 +492,14 @@ def train_flow_map(config: FlowMapConfig) -> dict:
             from diffusers_distill import hub
 
             marker = "flow_map_config.json" if config.student_type == "lora" else "model_index.json"
-            hub.push_student_to_hub(config.output_dir, repo_id, token=config.hub_token, required_file=marker,
-                                    commit_message="Upload flow-map student", write_card=False)  # fmt: skip
+            hub.push_student_to_hub(
+                config.output_dir,
+                repo_id,
+                token=config.hub_token,
+                required_file=marker,
+                commit_message="Upload flow-map student",
+                write_card=False,
+            )
     accelerator.end_training()
     return {
         "global_step": history[-1]["step"] if history else start_step,
