@@ -380,3 +380,35 @@ def test_launch_two_processes_gloo_resumes_to_the_same_weights(sd15_pipeline_dir
     for name in ("pytorch_lora_weights.safetensors", "flow_map_pathway.safetensors"):
         a, b = load_file(out / name), load_file(resumed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_push_to_hub_checks_the_repo_first_and_uploads_export_and_card(
+    sd15_pipeline_dir, data_dir, tmp_path, monkeypatch
+):
+    """--push_to_hub: the repo is created before training; the real hub.push_student_to_hub uploads the LoRA export
+    with its flow-map model card (the Hub client is replaced; no network)."""
+    import huggingface_hub
+
+    from diffusers_distill import hub
+    from diffusers_distill.training.flow_map import train_flow_map
+
+    calls = []
+    monkeypatch.setattr(
+        hub, "prepare_hub_repo", lambda repo_id, token=None: calls.append(("create", repo_id)) or f"user/{repo_id}"
+    )
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda *a, **k: None)
+
+    def upload_folder(repo_id, folder_path, **kwargs):
+        calls.append(("upload", repo_id, sorted(os.listdir(folder_path)), kwargs["commit_message"]))
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    out = tmp_path / "my-flow-map"
+    config = tiny_config(
+        sd15_pipeline_dir, out, prompt_file=os.path.join(data_dir, "prompts.txt"), max_train_steps=1, push_to_hub=True
+    )
+    train_flow_map(config)
+    assert calls[0] == ("create", "my-flow-map")
+    assert calls[1][0:2] == ("upload", "user/my-flow-map") and calls[1][3] == "Upload flow-map student"
+    assert {"README.md", "flow_map_config.json", "pytorch_lora_weights.safetensors"} <= set(calls[1][2])
+    card = (out / "README.md").read_text()
+    assert "FlowMapStableDiffusionPipeline.from_pretrained" in card and 'student="user/my-flow-map"' in card

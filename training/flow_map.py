@@ -300,7 +300,7 @@ def flow_map_pipeline_class(pipe):
     return FlowMapStableDiffusionXLPipeline if pipeline_arch(pipe) == "sdxl" else FlowMapStableDiffusionPipeline
 
 
-def save_student(config: FlowMapConfig, parts: FlowMapParts, pipe) -> None:
+def save_student(config: FlowMapConfig, parts: FlowMapParts, pipe, repo_id: str | None = None) -> None:
     """Final export: a LoRA student loads into the teacher pipeline
     (``FlowMap*Pipeline.from_pretrained(teacher, student=output_dir)``); a full student is a complete pipeline
     folder (``FlowMap*Pipeline.from_pretrained(output_dir)``, its UNet loads with plain diffusers). Both sample
@@ -322,7 +322,7 @@ def save_student(config: FlowMapConfig, parts: FlowMapParts, pipe) -> None:
         )
         with atomic_directory(config.output_dir) as staging:
             student_pipe.save_pretrained(staging, safe_serialization=True)
-    write_model_card(config, pipeline_arch(pipe), config.hub_repo_name())
+    write_model_card(config, pipeline_arch(pipe), repo_id or config.hub_repo_name())
 
 
 def write_model_card(config: FlowMapConfig, arch: str, repo_id: str) -> str:
@@ -487,7 +487,7 @@ def train_flow_map(config: FlowMapConfig) -> dict:
         if data.num_skipped_images:
             logger.warning("skipped %d unreadable images", data.num_skipped_images)
         with core.ema_weights(ema, parts.params):
-            save_student(config, parts, pipe)
+            save_student(config, parts, pipe, repo_id)
         if repo_id is not None:
             from diffusers_distill import hub
 
