@@ -192,9 +192,12 @@ def push_student_to_hub(
     private: bool = False,
     commit_message: str = "Upload DMD2 student",
     write_card: bool = True,
+    required_file: str = STUDENT_CONFIG_NAME,
 ):
     """Upload an exported student folder to ``repo_id`` (created if missing) with a model card.
 
+    ``required_file`` marks an exported student (``student_config.json`` for DMD2; the flow-map trainer passes
+    ``flow_map_config.json`` or ``model_index.json`` and writes its own card).
     Training leftovers (``checkpoint-*``, ``logs``, ``validation``, temp files) are not uploaded. If the upload fails,
     the local folder is untouched and a ``RuntimeError`` tells the exact command to retry.
     Returns ``upload_folder``'s commit info.
@@ -202,8 +205,8 @@ def push_student_to_hub(
     from huggingface_hub import create_repo, upload_folder
 
     output_dir = os.fspath(output_dir)
-    if not os.path.isfile(os.path.join(output_dir, STUDENT_CONFIG_NAME)):
-        raise ValueError(f"output_dir must contain {STUDENT_CONFIG_NAME} (an exported student), got {output_dir!r}")
+    if not os.path.isfile(os.path.join(output_dir, required_file)):
+        raise ValueError(f"output_dir must contain {required_file} (an exported student), got {output_dir!r}")
     check_repo_id(repo_id)
     if write_card and not os.path.isfile(os.path.join(output_dir, "README.md")):
         write_model_card(output_dir, repo_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["randn", "randint"]
+__all__ = ["rand", "randn", "randint"]
 
 
 def randn(shape, generator: torch.Generator | None, device, dtype=None) -> torch.Tensor:
@@ -24,3 +24,10 @@ def randint(low: int, high: int, size: int, generator: torch.Generator | None, d
     diffusers has no ``randint_tensor``)."""
     draw_device = generator.device if generator is not None else torch.device("cpu")
     return torch.randint(low, high, (size,), generator=generator, device=draw_device).to(device)
+
+
+def rand(size: int, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
+    """``(size,)`` uniforms in ``[0, 1)`` on ``device``, drawn on ``generator``'s device (written by hand: diffusers
+    has no ``rand_tensor``)."""
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand((size,), generator=generator, device=draw_device, dtype=dtype).to(device)

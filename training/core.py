@@ -41,6 +41,9 @@ __all__ = [
     "make_lr_scheduler",
     "make_optimizer",
     "num_training_steps",
+    "prepare_hub",
+    "reduce_logs",
+    "resume_from_checkpoint",
     "randint",
     "randn",
     "save_ema_state",
@@ -366,3 +369,41 @@ def save_validation_grid(accelerator, images: torch.Tensor, prompts: list[str], 
     with atomic_path(path) as tmp:
         Image.fromarray(grid).save(tmp)
     return path
+
+
+# ---------------------------------------------------------------------- resume, logs, Hub (any recipe)
+def resume_from_checkpoint(accelerator, config: TrainingConfig) -> int:
+    """Load ``--resume_from_checkpoint`` (the recipe's registered hooks restore its networks); returns the step to
+    continue from (0 without a checkpoint)."""
+    from .checkpointing import checkpoint_step, resolve_resume_checkpoint
+
+    path = resolve_resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    if path is None:
+        return 0
+    step = checkpoint_step(path)
+    logger.info("resuming from %s at step %d", os.path.basename(os.path.normpath(path)), step)
+    accelerator.load_state(path)
+    return step
+
+
+def reduce_logs(accelerator, step: int, logs: dict) -> dict:
+    """Per-process loss tensors -> ``{"step": step, name: mean over processes (float)}``."""
+    names = sorted(logs)
+    values = accelerator.reduce(torch.stack([logs[n] for n in names]).to(accelerator.device), reduction="mean")
+    return {"step": step, **{n: float(v) for n, v in zip(names, values.tolist())}}
+
+
+def prepare_hub(config: TrainingConfig, accelerator) -> str | None:
+    """With ``--push_to_hub``: check the token and create the repo now (main process), not after training;
+    returns the repo id (None without ``--push_to_hub`` or on other processes)."""
+    if not (config.push_to_hub and accelerator.is_main_process):
+        return None
+    from diffusers_distill import hub
+
+    try:
+        repo_id = hub.prepare_hub_repo(config.hub_repo_name(), token=config.hub_token)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    default = "" if config.hub_model_id else " (the name of --output_dir; set --hub_model_id to choose another)"
+    logger.info("--push_to_hub: the student will be uploaded to %s%s", repo_id, default)
+    return repo_id
