@@ -120,7 +120,11 @@ def main(argv=None):
         timesteps = student_timesteps(job["output_dir"])
         for k in range(1, len(timesteps)):  # the FD after each step but the last (the student row itself)
             m = evaluate_pipeline(
-                job["output_dir"], scheduler="keep", steps=k, timesteps=timesteps[:k], n_per_digit=args.n_per_digit,
+                job["output_dir"],
+                scheduler="keep",
+                steps=k,
+                timesteps=timesteps[:k],
+                n_per_digit=args.n_per_digit,
                 seed=args.seed,
             )
             m["psnr"] = image_psnr(m["images"], reference)

@@ -100,9 +100,17 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(2 * xy - xx - yy)
 
 
-def train(loss_name: str, mixture: GaussianMixture, seed: int, iterations: int, batch_size: int,
-          target_decay: float = 0.99, eval_decay: float = 0.999, lr: float = 1e-3,
-          itvm_initial_weight: float = 0.0) -> tuple:  # fmt: skip
+def train(
+    loss_name: str,
+    mixture: GaussianMixture,
+    seed: int,
+    iterations: int,
+    batch_size: int,
+    target_decay: float = 0.99,
+    eval_decay: float = 0.999,
+    lr: float = 1e-3,
+    itvm_initial_weight: float = 0.0,
+) -> tuple:
     """Train one student; returns (EMA model, seconds, diverged)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(10_000 + seed)
@@ -234,8 +242,11 @@ def main(argv=None) -> int:
     def teacher_euler(k):
         return flow_map_sample(lambda x, s, t: teacher(x, s), noise, k)
 
-    results = {"teacher Euler (exact v)": {str(k): {"ed": [v["ed"]], "rmse": [v["rmse"]]}
-                                           for k, v in evaluate(teacher_euler).items()}}  # fmt: skip
+    results = {
+        "teacher Euler (exact v)": {
+            str(k): {"ed": [v["ed"]], "rmse": [v["rmse"]]} for k, v in evaluate(teacher_euler).items()
+        }
+    }
     timings = {name: [] for name in args.losses}
     divergences = {name: 0 for name in args.losses}
     for name in args.losses:
@@ -251,16 +262,21 @@ def main(argv=None) -> int:
                 results[name][str(k)]["rmse"].append(metrics[str(k)]["rmse"])
             timings[name].append(seconds)
             divergences[name] += int(diverged)
-            print(f"# {name} seed {seed}: {seconds:.0f} s CPU, diverged={diverged}, "
-                  + ", ".join(f"K={k} {metrics[str(k)]['ed']:.4f}/{metrics[str(k)]['rmse']:.3f}" for k in STEPS),
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"# {name} seed {seed}: {seconds:.0f} s CPU, diverged={diverged}, "
+                + ", ".join(f"K={k} {metrics[str(k)]['ed']:.4f}/{metrics[str(k)]['rmse']:.3f}" for k in STEPS),
+                file=sys.stderr,
+                flush=True,
+            )
 
     floor_mean, floor_std = mean_std(floor)
-    print(f"\nExact 2-D GMM (8-mode ring, radius 4, std 0.25); {args.iterations} Adam steps x batch {args.batch_size} "
-          f"per run, seeds {args.seeds}; evaluation on {args.eval_size} points. "
-          f"Cells: energy distance / pathwise RMSE, mean ± std over training seeds. "
-          f"ED noise floor (exact vs exact): {floor_mean:.4f} ± {floor_std:.4f} "
-          "(three independent exact sets against the reference set).\n")  # fmt: skip
+    print(
+        f"\nExact 2-D GMM (8-mode ring, radius 4, std 0.25); {args.iterations} Adam steps x batch {args.batch_size} "
+        f"per run, seeds {args.seeds}; evaluation on {args.eval_size} points. "
+        f"Cells: energy distance / pathwise RMSE, mean ± std over training seeds. "
+        f"ED noise floor (exact vs exact): {floor_mean:.4f} ± {floor_std:.4f} "
+        "(three independent exact sets against the reference set).\n"
+    )
     print("| method | " + " | ".join(f"K={k}" for k in STEPS) + " | CPU s / run | diverged |")
     print("|---|" + "---|" * (len(STEPS) + 2))
     for name, rows in results.items():
@@ -269,8 +285,13 @@ def main(argv=None) -> int:
         div = f"{divergences[name]}/{len(args.seeds)}" if name in divergences else "-"
         print(f"| {name} | {cells} | {cpu} | {div} |")
 
-    payload = {"args": vars(args), "noise_floor_ed": floor, "results": results, "cpu_seconds": timings,
-               "diverged": divergences}  # fmt: skip
+    payload = {
+        "args": vars(args),
+        "noise_floor_ed": floor,
+        "results": results,
+        "cpu_seconds": timings,
+        "diverged": divergences,
+    }
     atomic_write_json(os.path.join(args.output_dir, "flow_map_gmm.json"), payload, indent=1, sort_keys=False)
     plot(results, os.path.join(args.output_dir, "flow_map_gmm.png"))
     print(f"\nsaved {os.path.join(args.output_dir, 'flow_map_gmm.png')} and flow_map_gmm.json")

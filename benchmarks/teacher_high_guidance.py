@@ -123,8 +123,12 @@ def main(argv=None):
     parser.add_argument("--steps", default="6,10,20")
     parser.add_argument("--guidances", default="7.5,15,25")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timestep_spacing", default="trailing", choices=["trailing", "leading", "linspace"],
-                        help="spacing of every sampler (trailing, as in docs/evaluation.md; the teacher saves leading)")
+    parser.add_argument(
+        "--timestep_spacing",
+        default="trailing",
+        choices=["trailing", "leading", "linspace"],
+        help="spacing of every sampler (trailing, as in docs/evaluation.md; the teacher saves leading)",
+    )
     parser.add_argument("--output_dir", default="outputs/teacher_high_guidance")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -82,7 +82,6 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-
 class _DeferredModule(types.ModuleType):
     """Stands in ``sys.modules`` for a scheduler module until one of its attributes is read.
 

@@ -63,9 +63,21 @@ VP_PREDICTION_TYPES = ("epsilon", "v_prediction")
 STUDENT_TYPES = ("lora", "full")
 # Same module list as the DMD2 LoRA students (diffusers' LCM-LoRA script); the new pathway is trained in full.
 FLOW_MAP_LORA_TARGET_MODULES = (
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
-)  # fmt: skip
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+)
 JUMP_PATHWAY = "time_embedding.cond_proj"
 
 
@@ -173,9 +185,16 @@ def _guided_output(call, x, timestep, cond_kwargs, uncond_kwargs, guidance_scale
     return classifier_free_guidance(uncond, cond, guidance_scale)
 
 
-def sd_teacher_velocity(unet, z: torch.Tensor, sigma: torch.Tensor, alphas_cumprod, cond_kwargs: dict,
-                        uncond_kwargs: dict | None = None, guidance_scale: float = 1.0,
-                        prediction_type: str = "epsilon") -> torch.Tensor:  # fmt: skip
+def sd_teacher_velocity(
+    unet,
+    z: torch.Tensor,
+    sigma: torch.Tensor,
+    alphas_cumprod,
+    cond_kwargs: dict,
+    uncond_kwargs: dict | None = None,
+    guidance_scale: float = 1.0,
+    prediction_type: str = "epsilon",
+) -> torch.Tensor:
     """v_sigma(z) of an SD 1.5 / SDXL (VP, epsilon or v) UNet with CFG, through the exact conversion (Eq. VP2RF).
 
     ``sigma`` is ``(B,)`` RF times; ``cond_kwargs`` / ``uncond_kwargs`` are UNet keyword arguments
@@ -192,9 +211,15 @@ def sd_teacher_velocity(unet, z: torch.Tensor, sigma: torch.Tensor, alphas_cumpr
     return velocity_from_vp_output(output, z, sigma, prediction_type)
 
 
-def flow_match_teacher_velocity(transformer, z: torch.Tensor, sigma: torch.Tensor, cond_kwargs: dict,
-                                uncond_kwargs: dict | None = None, guidance_scale: float = 1.0,
-                                num_train_timesteps: int = 1000) -> torch.Tensor:  # fmt: skip
+def flow_match_teacher_velocity(
+    transformer,
+    z: torch.Tensor,
+    sigma: torch.Tensor,
+    cond_kwargs: dict,
+    uncond_kwargs: dict | None = None,
+    guidance_scale: float = 1.0,
+    num_train_timesteps: int = 1000,
+) -> torch.Tensor:
     """v_sigma(z) of a flow-matching teacher (SD3/Flux convention: timestep = 1000 sigma, output = eps - x0 =
     dz/dsigma), with CFG; no conversion is needed."""
     sigma = torch.as_tensor(sigma, device=z.device).reshape(-1).expand(z.shape[0])
@@ -248,9 +273,14 @@ def jump_embedding(delta: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def build_flow_map_student(teacher_unet, student_type: str = "lora", jump_embedding_dim: int = 64,
-                           lora_rank: int = 64, lora_alpha: float | None = None,
-                           lora_target_modules=FLOW_MAP_LORA_TARGET_MODULES):  # fmt: skip
+def build_flow_map_student(
+    teacher_unet,
+    student_type: str = "lora",
+    jump_embedding_dim: int = 64,
+    lora_rank: int = 64,
+    lora_alpha: float | None = None,
+    lora_target_modules=FLOW_MAP_LORA_TARGET_MODULES,
+):
     """A ``UNet2DConditionModel`` student of ``teacher_unet`` (SD 1.5 or SDXL) with a second-time pathway.
 
     The student has the teacher's config plus ``time_cond_proj_dim = jump_embedding_dim``, the teacher's weights,
@@ -264,16 +294,19 @@ def build_flow_map_student(teacher_unet, student_type: str = "lora", jump_embedd
     if student_type not in STUDENT_TYPES:
         raise ValueError(f"`student_type` must be one of {list(STUDENT_TYPES)}, got {student_type!r}")
     if teacher_unet.config.get("time_cond_proj_dim") is not None:
-        raise ValueError("`teacher_unet` already has a `time_cond_proj_dim` pathway (an LCM-style student?); "
-                         "pass the original teacher UNet")  # fmt: skip
+        raise ValueError(
+            "`teacher_unet` already has a `time_cond_proj_dim` pathway (an LCM-style student?); "
+            "pass the original teacher UNet"
+        )
     jump_embedding(torch.zeros(1), jump_embedding_dim)  # validates the dimension
     if lora_rank < 1:
         raise ValueError(f"`lora_rank` must be >= 1, got {lora_rank!r}")
     student = UNet2DConditionModel.from_config(teacher_unet.config, time_cond_proj_dim=jump_embedding_dim)
     missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
     if missing != [f"{JUMP_PATHWAY}.weight"] or unexpected:
-        raise RuntimeError(f"unexpected weight mismatch building the student: missing {missing}, unexpected "
-                           f"{unexpected}")  # fmt: skip
+        raise RuntimeError(
+            f"unexpected weight mismatch building the student: missing {missing}, unexpected {unexpected}"
+        )
     nn.init.zeros_(student.time_embedding.cond_proj.weight)
     if (student.device, student.dtype) != (teacher_unet.device, teacher_unet.dtype):
         student.to(device=teacher_unet.device, dtype=teacher_unet.dtype)
@@ -282,8 +315,14 @@ def build_flow_map_student(teacher_unet, student_type: str = "lora", jump_embedd
     from peft import LoraConfig
 
     student.requires_grad_(False)
-    student.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank if lora_alpha is None else lora_alpha,
-                                   init_lora_weights="gaussian", target_modules=list(lora_target_modules)))
+    student.add_adapter(
+        LoraConfig(
+            r=lora_rank,
+            lora_alpha=lora_rank if lora_alpha is None else lora_alpha,
+            init_lora_weights="gaussian",
+            target_modules=list(lora_target_modules),
+        )
+    )
     for name, param in student.named_parameters():
         param.requires_grad_("lora_" in name or name.startswith(JUMP_PATHWAY))
     return student
@@ -329,9 +368,14 @@ class FlowMapUNet(nn.Module):
         x = vp_input_scale(_per_sample(s, z)) * z
         condition = jump_embedding(s - t, self.unet.config.time_cond_proj_dim)
         dtype = self.unet.dtype
-        return self.unet(x.to(dtype), timestep, encoder_hidden_states=encoder_hidden_states.to(dtype),
-                         timestep_cond=condition.to(dtype), added_cond_kwargs=added_cond_kwargs,
-                         return_dict=False)[0]  # fmt: skip
+        return self.unet(
+            x.to(dtype),
+            timestep,
+            encoder_hidden_states=encoder_hidden_states.to(dtype),
+            timestep_cond=condition.to(dtype),
+            added_cond_kwargs=added_cond_kwargs,
+            return_dict=False,
+        )[0]
 
     def forward(self, z, s, t, encoder_hidden_states, added_cond_kwargs=None) -> torch.Tensor:
         s = torch.as_tensor(s, device=z.device).reshape(-1).expand(z.shape[0])
@@ -353,8 +397,9 @@ FLOW_MAP_CONFIG_NAME = "flow_map_config.json"
 FLOW_MAP_PATHWAY_NAME = "flow_map_pathway.safetensors"
 
 
-def save_flow_map_lora_student(output_dir, student, pipeline_class, default_num_inference_steps: int = 4,
-                               **scheduler_config) -> str:  # fmt: skip
+def save_flow_map_lora_student(
+    output_dir, student, pipeline_class, default_num_inference_steps: int = 4, **scheduler_config
+) -> str:
     """Save a LoRA flow-map student for ``FlowMap*Pipeline.from_pretrained(teacher, student=output_dir)``.
 
     Three files, each written to a temporary name and moved into place (no half-written folder):
@@ -376,12 +421,16 @@ def save_flow_map_lora_student(output_dir, student, pipeline_class, default_num_
 
     adapters = sorted(getattr(student, "peft_config", {}) or {})
     if len(adapters) != 1:
-        raise ValueError(f"`student` must carry exactly one LoRA adapter (build_flow_map_student(..., 'lora')), "
-                         f"got {adapters}")  # fmt: skip
+        raise ValueError(
+            f"`student` must carry exactly one LoRA adapter (build_flow_map_student(..., 'lora')), got {adapters}"
+        )
     if student.config.get("time_cond_proj_dim") is None:
         raise ValueError("`student` needs `time_cond_proj_dim` (build it with build_flow_map_student)")
-    if isinstance(default_num_inference_steps, bool) or not isinstance(default_num_inference_steps, int) \
-            or default_num_inference_steps < 1:  # fmt: skip
+    if (
+        isinstance(default_num_inference_steps, bool)
+        or not isinstance(default_num_inference_steps, int)
+        or default_num_inference_steps < 1
+    ):
         raise ValueError(f"`default_num_inference_steps` must be an int >= 1, got {default_num_inference_steps!r}")
     from diffusers_distill.schedulers import TwoTimedFlowMapScheduler
 
@@ -391,13 +440,20 @@ def save_flow_map_lora_student(output_dir, student, pipeline_class, default_num_
         # peft key names ("...to_q.lora_A.weight"), as diffusers' current LoRA training scripts store them: with
         # convert_state_dict_to_diffusers ("...to_q.lora.down.weight") diffusers 0.42 reloads no attention LoRA layers
         lora_layers = get_peft_model_state_dict(student, adapter_name=adapters[0])
-        pipeline_class.save_lora_weights(staging, unet_lora_layers=lora_layers,
-                                         unet_lora_adapter_metadata=lora_adapter_metadata(student, adapters[0]),
-                                         weight_name=LORA_WEIGHT_NAME, safe_serialization=True)  # fmt: skip
+        pipeline_class.save_lora_weights(
+            staging,
+            unet_lora_layers=lora_layers,
+            unet_lora_adapter_metadata=lora_adapter_metadata(student, adapters[0]),
+            weight_name=LORA_WEIGHT_NAME,
+            safe_serialization=True,
+        )
         weight = student.time_embedding.cond_proj.weight.detach().float().cpu().contiguous()
         save_file({f"{JUMP_PATHWAY}.weight": weight}, os.path.join(staging, FLOW_MAP_PATHWAY_NAME))
-        config = {"time_cond_proj_dim": int(student.config.time_cond_proj_dim),
-                  "default_num_inference_steps": default_num_inference_steps, "scheduler": scheduler_config}  # fmt: skip
+        config = {
+            "time_cond_proj_dim": int(student.config.time_cond_proj_dim),
+            "default_num_inference_steps": default_num_inference_steps,
+            "scheduler": scheduler_config,
+        }
         with open(os.path.join(staging, FLOW_MAP_CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
     return output_dir

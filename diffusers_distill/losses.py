@@ -123,8 +123,16 @@ GAUSS_LEGENDRE_NODES = {
 }
 
 
-def itvm_loss(average_velocity, target_average_velocity, teacher_velocity, x_s, s, t, num_nodes: int = 3,
-              initial_weight: float = 0.0) -> torch.Tensor:  # fmt: skip
+def itvm_loss(
+    average_velocity,
+    target_average_velocity,
+    teacher_velocity,
+    x_s,
+    s,
+    t,
+    num_nodes: int = 3,
+    initial_weight: float = 0.0,
+) -> torch.Tensor:
     """ITVM (Khungurn et al., arXiv 2505.01169), "Picard / average-velocity target" reading (R4 of
     docs/flow_maps.md; the paper's full text was not available, so this is a reconstruction from its abstract).
 
@@ -146,8 +154,9 @@ def itvm_loss(average_velocity, target_average_velocity, teacher_velocity, x_s, 
 
     Why not the literal reading (EMA copy of LFMD's target v_t(phi_ema) - (t - s) d/dt u_ema): the lagged
     -(t - s) d/dt operator is unbounded, and an EMA lag turns its rotations into exponential growth; it diverged
-    in every setting tried (docs/flow_maps.md, "Which ITVM reading is implemented, and why"). The quadrature target's linearisation is a Volterra
-    operator in t (spectral radius 0), so an EMA-lagged copy contracts for any decay.
+    in every setting tried (docs/flow_maps.md, "Which ITVM reading is implemented, and why"). The quadrature
+    target's linearisation is a Volterra operator in t (spectral radius 0), so an EMA-lagged copy contracts for any
+    decay.
     """
     if num_nodes not in GAUSS_LEGENDRE_NODES:
         raise ValueError(f"`num_nodes` must be one of {sorted(GAUSS_LEGENDRE_NODES)}, got {num_nodes!r}")

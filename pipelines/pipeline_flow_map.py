@@ -54,13 +54,15 @@ class FlowMapPipelineMixin:
         ``sigma_spacing``, ``shift``, ``gamma``, ...)."""
         components = {k: v for k, v in teacher_pipeline.components.items() if k in cls._component_names()}
         components["unet"] = student_unet
-        components["scheduler"] = TwoTimedFlowMapScheduler.from_config(teacher_pipeline.scheduler.config,
-                                                                       **scheduler_kwargs)  # fmt: skip
+        components["scheduler"] = TwoTimedFlowMapScheduler.from_config(
+            teacher_pipeline.scheduler.config, **scheduler_kwargs
+        )
         return cls(**components, default_num_inference_steps=default_num_inference_steps)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, student=None, student_adapter_name="flow_map",
-                        **kwargs):  # fmt: skip
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *args, student=None, student_adapter_name="flow_map", **kwargs
+    ):
         """Load a pipeline. With ``student=`` (a folder or Hub id written by
         :func:`diffusers_distill.flow_map.save_flow_map_lora_student`), ``pretrained_model_name_or_path`` is the
         *teacher* (e.g. ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``) and the LoRA student is loaded into it
@@ -84,8 +86,9 @@ class FlowMapPipelineMixin:
             if os.path.isdir(os.fspath(student)):
                 path = os.path.join(os.fspath(student), name)
                 if not os.path.isfile(path):
-                    raise ValueError(f"`student` must be a folder written by save_flow_map_lora_student; {path} is "
-                                     "missing")  # fmt: skip
+                    raise ValueError(
+                        f"`student` must be a folder written by save_flow_map_lora_student; {path} is missing"
+                    )
                 return path
             from huggingface_hub import hf_hub_download
 
@@ -116,8 +119,10 @@ class FlowMapPipelineMixin:
 
     def _check_flow_map_components(self) -> None:
         if self.unet.config.get("time_cond_proj_dim") is None:
-            raise ValueError("`unet` must be a flow-map student with `time_cond_proj_dim` "
-                             "(diffusers_distill.flow_map.build_flow_map_student)")  # fmt: skip
+            raise ValueError(
+                "`unet` must be a flow-map student with `time_cond_proj_dim` "
+                "(diffusers_distill.flow_map.build_flow_map_student)"
+            )
         if not isinstance(self.scheduler, TwoTimedFlowMapScheduler):
             raise ValueError(f"`scheduler` must be a TwoTimedFlowMapScheduler, got {type(self.scheduler).__name__}")
 
@@ -157,18 +162,31 @@ class FlowMapPipelineMixin:
             raise ValueError(f"`height` and `width` must be multiples of {self.vae_scale_factor}, got {height}x{width}")
         device = self._execution_device
         self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas, gamma=gamma)
-        conditioning = self._unet_conditioning(prompt, device, num_images_per_prompt, prompt_embeds, height, width,
-                                               **encode_kwargs)  # fmt: skip
+        conditioning = self._unet_conditioning(
+            prompt, device, num_images_per_prompt, prompt_embeds, height, width, **encode_kwargs
+        )
         batch = conditioning["encoder_hidden_states"].shape[0]
-        latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width,
-                                       conditioning["encoder_hidden_states"].dtype, device, generator, latents)  # fmt: skip
+        latents = self.prepare_latents(
+            batch,
+            self.unet.config.in_channels,
+            height,
+            width,
+            conditioning["encoder_hidden_states"].dtype,
+            device,
+            generator,
+            latents,
+        )
         dimension = self.unet.config.time_cond_proj_dim
         for t in self.progress_bar(self.scheduler.timesteps):
             s, target = self.scheduler.jump_for_timestep(t)
             delta = torch.full((batch,), s - target, device=device, dtype=torch.float64)
-            output = self.unet(self.scheduler.scale_model_input(latents, t), t,
-                               timestep_cond=jump_embedding(delta, dimension).to(latents.dtype),
-                               **conditioning, return_dict=False)[0]  # fmt: skip
+            output = self.unet(
+                self.scheduler.scale_model_input(latents, t),
+                t,
+                timestep_cond=jump_embedding(delta, dimension).to(latents.dtype),
+                **conditioning,
+                return_dict=False,
+            )[0]
             latents = self.scheduler.step(output, t, latents, generator=generator).prev_sample
         if output_type == "latent":
             image = latents
@@ -184,18 +202,39 @@ class FlowMapPipelineMixin:
 class FlowMapStableDiffusionPipeline(FlowMapPipelineMixin, StableDiffusionPipeline):
     """``StableDiffusionPipeline`` for an SD 1.5 flow-map student (loop above; no safety checker is run)."""
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
-                 image_encoder=None, requires_safety_checker: bool = False, default_num_inference_steps: int = 4):  # fmt: skip
-        super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor,
-                         image_encoder, requires_safety_checker)  # fmt: skip
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker: bool = False,
+        default_num_inference_steps: int = 4,
+    ):
+        super().__init__(
+            vae,
+            text_encoder,
+            tokenizer,
+            unet,
+            scheduler,
+            safety_checker,
+            feature_extractor,
+            image_encoder,
+            requires_safety_checker,
+        )
         self.register_to_config(default_num_inference_steps=_check_steps(default_num_inference_steps))
 
     def _make_output(self, images):
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
 
     def _unet_conditioning(self, prompt, device, num_images_per_prompt, prompt_embeds, height, width, **kwargs):
-        embeds, _ = self.encode_prompt(prompt, device, num_images_per_prompt, False, prompt_embeds=prompt_embeds,
-                                       **kwargs)  # fmt: skip
+        embeds, _ = self.encode_prompt(
+            prompt, device, num_images_per_prompt, False, prompt_embeds=prompt_embeds, **kwargs
+        )
         return {"encoder_hidden_states": embeds}
 
 
@@ -203,24 +242,57 @@ class FlowMapStableDiffusionXLPipeline(FlowMapPipelineMixin, StableDiffusionXLPi
     """``StableDiffusionXLPipeline`` for an SDXL flow-map student (micro-conditions: original = target = output size,
     crop (0, 0); the VAE decodes in its own dtype, so use an fp16-fixed VAE for fp16)."""
 
-    def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, image_encoder=None,
-                 feature_extractor=None, force_zeros_for_empty_prompt: bool = True, add_watermarker=False,
-                 default_num_inference_steps: int = 4):  # fmt: skip
-        super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, image_encoder,
-                         feature_extractor, force_zeros_for_empty_prompt, add_watermarker)  # fmt: skip
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        tokenizer,
+        tokenizer_2,
+        unet,
+        scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker=False,
+        default_num_inference_steps: int = 4,
+    ):
+        super().__init__(
+            vae,
+            text_encoder,
+            text_encoder_2,
+            tokenizer,
+            tokenizer_2,
+            unet,
+            scheduler,
+            image_encoder,
+            feature_extractor,
+            force_zeros_for_empty_prompt,
+            add_watermarker,
+        )
         self.register_to_config(default_num_inference_steps=_check_steps(default_num_inference_steps))
 
     def _make_output(self, images):
         return StableDiffusionXLPipelineOutput(images=images)
 
-    def _unet_conditioning(self, prompt, device, num_images_per_prompt, prompt_embeds, height, width,
-                           pooled_prompt_embeds=None, **kwargs):  # fmt: skip
+    def _unet_conditioning(
+        self, prompt, device, num_images_per_prompt, prompt_embeds, height, width, pooled_prompt_embeds=None, **kwargs
+    ):
         embeds, _, pooled, _ = self.encode_prompt(
-            prompt=prompt, device=device, num_images_per_prompt=num_images_per_prompt,
-            do_classifier_free_guidance=False, prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, **kwargs,
-        )  # fmt: skip
-        time_ids = self._get_add_time_ids((height, width), (0, 0), (height, width), dtype=embeds.dtype,
-                                          text_encoder_projection_dim=self.text_encoder_2.config.projection_dim)  # fmt: skip
+            prompt=prompt,
+            device=device,
+            num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=False,
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            **kwargs,
+        )
+        time_ids = self._get_add_time_ids(
+            (height, width),
+            (0, 0),
+            (height, width),
+            dtype=embeds.dtype,
+            text_encoder_projection_dim=self.text_encoder_2.config.projection_dim,
+        )
         time_ids = time_ids.to(device).repeat(embeds.shape[0], 1)
         return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}

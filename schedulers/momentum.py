@@ -88,7 +88,7 @@ def ghvb_variable_coefficients(grid_history, grid_next, beta: float) -> tuple[fl
     powers = np.arange(len(nodes))
     # mean of u^m over the previous interval [u_1, 0] is u_1^m / (m + 1); for m = 0 it is 1 whatever u_1 is.
     previous_node = nodes[1] if len(nodes) > 1 else 0.0
-    previous_means = np.where(powers == 0, 1.0, previous_node ** powers / (powers + 1.0))
+    previous_means = np.where(powers == 0, 1.0, previous_node**powers / (powers + 1.0))
     moments = 1.0 / (powers + 1.0) - (1.0 - beta) * previous_means
     vandermonde = nodes[None, :] ** powers[:, None]
     return tuple(float(c) for c in np.linalg.solve(vandermonde, moments))

@@ -79,8 +79,9 @@ def check_decreasing(name: str, values) -> np.ndarray:
     except (TypeError, ValueError):
         raise ValueError(f"`{name}` must be a sequence of numbers, got {values!r}.") from None
     if array.ndim != 1 or len(array) == 0 or not np.all(np.isfinite(array)) or np.any(np.diff(array) >= 0):
-        raise ValueError(f"`{name}` must be a non-empty, strictly decreasing sequence of finite numbers, got "
-                         f"{array.tolist()}.")
+        raise ValueError(
+            f"`{name}` must be a non-empty, strictly decreasing sequence of finite numbers, got {array.tolist()}."
+        )
     return array
 
 
@@ -273,8 +274,11 @@ class VPMomentumSchedulerBase(MomentumSchedulerBase):
         final sigma follows ``final_sigmas_type``). ``mu`` is accepted for signature compatibility and ignored.
         """
         num_train = self.config.num_train_timesteps
-        given = [name for name, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
-                                      ("sigmas", sigmas)) if v is not None]
+        given = [
+            name
+            for name, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps), ("sigmas", sigmas))
+            if v is not None
+        ]
         if len(given) != 1:
             raise ValueError(
                 f"Pass exactly one of `num_inference_steps`, `timesteps` or `sigmas`, got {given or 'none'}."
@@ -285,8 +289,9 @@ class VPMomentumSchedulerBase(MomentumSchedulerBase):
             if np.any(values != np.round(values)):
                 raise ValueError(f"`timesteps` must be integers (UNet timesteps), got {values.tolist()}.")
             if values.min() < 0 or values.max() >= num_train:
-                raise ValueError(f"`timesteps` must lie in [0, num_train_timesteps={num_train}), got "
-                                 f"{values.tolist()}.")
+                raise ValueError(
+                    f"`timesteps` must lie in [0, num_train_timesteps={num_train}), got {values.tolist()}."
+                )
             if self.config.use_karras_sigmas:
                 raise ValueError("`timesteps` cannot be combined with `use_karras_sigmas=True`.")
             timesteps = values.astype(np.int64).tolist()
@@ -412,8 +417,9 @@ class FlowMatchMomentumSchedulerBase(MomentumSchedulerBase):
         if timesteps is not None:
             values = check_decreasing("timesteps", timesteps)
             if not (values.min() > 0.0 and values.max() <= num_train):
-                raise ValueError(f"`timesteps` must lie in (0, num_train_timesteps={num_train}], got "
-                                 f"{values.tolist()}.")
+                raise ValueError(
+                    f"`timesteps` must lie in (0, num_train_timesteps={num_train}], got {values.tolist()}."
+                )
             timesteps = values.tolist()
         lengths = {name: len(v) for name, v in (("sigmas", sigmas), ("timesteps", timesteps)) if v is not None}
         if num_inference_steps is not None:

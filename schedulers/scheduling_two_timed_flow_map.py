@@ -120,15 +120,20 @@ class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
         self.prediction_type = prediction_type or ("epsilon" if teacher_type == "vp" else "flow")
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         if teacher_type == "flow_match" and self.prediction_type != "flow":
-            raise ValueError(f"`prediction_type` must be 'flow' for teacher_type='flow_match', got {prediction_type!r}.")
+            raise ValueError(
+                f"`prediction_type` must be 'flow' for teacher_type='flow_match', got {prediction_type!r}."
+            )
         if teacher_type == "vp":
             _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
             from diffusers import DDPMScheduler  # the betas of every VP schedule, exactly as diffusers builds them
 
             self.alphas_cumprod = DDPMScheduler(
-                num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                beta_schedule=beta_schedule, trained_betas=trained_betas,
-            ).alphas_cumprod.to(torch.float64)  # fmt: skip
+                num_train_timesteps=num_train_timesteps,
+                beta_start=beta_start,
+                beta_end=beta_end,
+                beta_schedule=beta_schedule,
+                trained_betas=trained_betas,
+            ).alphas_cumprod.to(torch.float64)
             from diffusers_distill.flow_map import vp_sigma_range
 
             self.teacher_sigma_min, self.teacher_sigma_max = vp_sigma_range(self.alphas_cumprod)
@@ -215,16 +220,21 @@ class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
         if gamma is not None:
             _check_range("gamma", gamma, 0.0, 1.0)
         if num_inference_steps is not None:
-            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
-                    or num_inference_steps < 1:  # fmt: skip
+            if (
+                isinstance(num_inference_steps, bool)
+                or not isinstance(num_inference_steps, int)
+                or num_inference_steps < 1
+            ):
                 raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}.")
             nodes = self._grid(num_inference_steps)
         else:
             nodes = [float(v) for v in torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).tolist()]
             limit = self.teacher_sigma_max
             if not nodes or any(b >= a for a, b in zip(nodes, nodes[1:])) or nodes[-1] <= 0 or nodes[0] > limit + 1e-9:
-                raise ValueError(f"`sigmas` must be a non-empty, strictly decreasing sequence in (0, {limit:.6g}] "
-                                 f"(the teacher's RF range), got {nodes}.")  # fmt: skip
+                raise ValueError(
+                    f"`sigmas` must be a non-empty, strictly decreasing sequence in (0, {limit:.6g}] "
+                    f"(the teacher's RF range), got {nodes}."
+                )
         gamma = self.config.gamma if gamma is None else gamma
         self._sigmas = nodes + [0.0]
         self._jump_targets = [(1.0 - gamma) * nxt for nxt in self._sigmas[1:]]

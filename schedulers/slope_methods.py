@@ -38,8 +38,10 @@ class _SlopeMethodMixin:
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         # diffusers would silently drop an unknown override; the order key used to be called solver_order
         if "solver_order" in kwargs:
-            raise ValueError(f"{cls.__name__} takes `multistep_order` (1-4), not `solver_order` (DPM-Solver's key), "
-                             f"got solver_order={kwargs['solver_order']!r}.")
+            raise ValueError(
+                f"{cls.__name__} takes `multistep_order` (1-4), not `solver_order` (DPM-Solver's key), "
+                f"got solver_order={kwargs['solver_order']!r}."
+            )
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def _init_slope_method(self) -> None:
@@ -68,8 +70,12 @@ class _SlopeMethodMixin:
             direction = data
         else:
             weight = dpm_solver_2m_weight(
-                self._alpha[index - 1], self._sigma[index - 1], self._alpha[index], self._sigma[index],
-                self._alpha[index + 1], self._sigma[index + 1],
+                self._alpha[index - 1],
+                self._sigma[index - 1],
+                self._alpha[index],
+                self._sigma[index],
+                self._alpha[index + 1],
+                self._sigma[index + 1],
             )
             direction = data + weight * (data - self._previous_data)
         scale, step = data_form_coefficients(
@@ -180,8 +186,12 @@ class DPMSolverHeavyBallMixin:
             direction = data
         else:
             weight = dpm_solver_2m_weight(
-                self._alpha[index - 1], self._sigma[index - 1], self._alpha[index], self._sigma[index],
-                self._alpha[index + 1], self._sigma[index + 1],
+                self._alpha[index - 1],
+                self._sigma[index - 1],
+                self._alpha[index],
+                self._sigma[index],
+                self._alpha[index + 1],
+                self._sigma[index + 1],
             )
             direction = self._ema(data + weight * (data - self._previous_data))
         self._previous_data = data

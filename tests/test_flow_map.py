@@ -50,7 +50,9 @@ class ExactVPTeacher:
 
     def __call__(self, sample, timestep, encoder_hidden_states, return_dict=False):
         self.timesteps_seen.append(timestep.clone())
-        kappa = torch.exp(torch.from_numpy(np.interp(timestep.numpy(), range(1000), vp_log_kappa(ALPHAS_CUMPROD).numpy())))
+        kappa = torch.exp(
+            torch.from_numpy(np.interp(timestep.numpy(), range(1000), vp_log_kappa(ALPHAS_CUMPROD).numpy()))
+        )
         alpha, sigma = torch.rsqrt(1 + kappa**2), kappa * torch.rsqrt(1 + kappa**2)
         outputs = []
         for i, label in enumerate(encoder_hidden_states.tolist()):
@@ -62,8 +64,12 @@ class ExactVPTeacher:
 
 def _mixture():
     means = torch.tensor([[2.0, 0.0, 1.0], [-1.0, 1.5, 0.0], [0.0, -2.0, -1.0], [1.0, 1.0, 1.0]])
-    return GaussianMixture(means, torch.tensor([0.3, 0.5, 0.2, 0.4]), torch.tensor([1.0, 2.0, 1.5, 0.5]),
-                           component_classes=torch.tensor([0, 0, 1, 1]))  # fmt: skip
+    return GaussianMixture(
+        means,
+        torch.tensor([0.3, 0.5, 0.2, 0.4]),
+        torch.tensor([1.0, 2.0, 1.5, 0.5]),
+        component_classes=torch.tensor([0, 0, 1, 1]),
+    )
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -78,14 +84,22 @@ def test_vp_conversion_reproduces_the_analytic_rf_velocity(prediction_type, guid
     z = 2 * torch.randn(len(sigma), 3, generator=generator, dtype=torch.float64)
     labels = torch.randint(0, 2, (len(sigma),), generator=generator)
     teacher = ExactVPTeacher(mixture, prediction_type)
-    velocity = sd_teacher_velocity(teacher, z, sigma, ALPHAS_CUMPROD, {"encoder_hidden_states": labels},
-                                   {"encoder_hidden_states": torch.full_like(labels, -1)}, guidance_scale,
-                                   prediction_type)  # fmt: skip
+    velocity = sd_teacher_velocity(
+        teacher,
+        z,
+        sigma,
+        ALPHAS_CUMPROD,
+        {"encoder_hidden_states": labels},
+        {"encoder_hidden_states": torch.full_like(labels, -1)},
+        guidance_scale,
+        prediction_type,
+    )
     expected = GuidedGaussianMixture(mixture, labels, guidance_scale).flow_velocity(z, sigma)
     torch.testing.assert_close(velocity, expected, rtol=0, atol=1e-10)
     first_times = teacher.timesteps_seen[0][: len(endpoints)]  # integer VP timesteps are recovered exactly
-    torch.testing.assert_close(first_times, torch.tensor([999.0, 500.0, 100.0, 10.0, 0.0], dtype=torch.float64),
-                               rtol=0, atol=1e-9)  # fmt: skip
+    torch.testing.assert_close(
+        first_times, torch.tensor([999.0, 500.0, 100.0, 10.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-9
+    )
 
 
 def test_flow_match_teacher_velocity_with_cfg():
@@ -94,25 +108,37 @@ def test_flow_match_teacher_velocity_with_cfg():
 
     def transformer(hidden_states, timestep, encoder_hidden_states, return_dict=False):
         sigma = timestep / 1000
-        rows = [GuidedGaussianMixture(mixture, None if c < 0 else torch.tensor([c])).flow_velocity(
-            hidden_states[i : i + 1], sigma[i]) for i, c in enumerate(encoder_hidden_states.tolist())]  # fmt: skip
+        rows = [
+            GuidedGaussianMixture(mixture, None if c < 0 else torch.tensor([c])).flow_velocity(
+                hidden_states[i : i + 1], sigma[i]
+            )
+            for i, c in enumerate(encoder_hidden_states.tolist())
+        ]
         return (torch.cat(rows),)
 
     transformer.dtype = torch.float64
     z = torch.randn(6, 3, dtype=torch.float64)
     sigma = torch.linspace(0.1, 1.0, 6, dtype=torch.float64)
     labels = torch.tensor([0, 1, 0, 1, 1, 0])
-    velocity = flow_match_teacher_velocity(transformer, z, sigma, {"encoder_hidden_states": labels},
-                                           {"encoder_hidden_states": -torch.ones_like(labels)}, 3.0)  # fmt: skip
-    torch.testing.assert_close(velocity, GuidedGaussianMixture(mixture, labels, 3.0).flow_velocity(z, sigma),
-                               rtol=0, atol=1e-12)  # fmt: skip
+    velocity = flow_match_teacher_velocity(
+        transformer,
+        z,
+        sigma,
+        {"encoder_hidden_states": labels},
+        {"encoder_hidden_states": -torch.ones_like(labels)},
+        3.0,
+    )
+    torch.testing.assert_close(
+        velocity, GuidedGaussianMixture(mixture, labels, 3.0).flow_velocity(z, sigma), rtol=0, atol=1e-12
+    )
     assert not torch.allclose(velocity, guided.flow_velocity(z, sigma))
 
 
 def test_time_maps_are_inverse_and_clamped():
     t = torch.tensor([0.0, 0.5, 17.25, 500.0, 998.5, 999.0], dtype=torch.float64)
-    torch.testing.assert_close(rf_sigma_to_vp_timestep(vp_timestep_to_rf_sigma(t, ALPHAS_CUMPROD), ALPHAS_CUMPROD),
-                               t, rtol=0, atol=1e-9)  # fmt: skip
+    torch.testing.assert_close(
+        rf_sigma_to_vp_timestep(vp_timestep_to_rf_sigma(t, ALPHAS_CUMPROD), ALPHAS_CUMPROD), t, rtol=0, atol=1e-9
+    )
     clamped = rf_sigma_to_vp_timestep(torch.tensor([1e-4, 0.999], dtype=torch.float64), ALPHAS_CUMPROD)
     assert clamped.tolist() == [0.0, 999.0]
 
@@ -122,8 +148,10 @@ def _conditioning(sdxl: bool, batch: int, generator):
     embeds = torch.randn(batch, 77, 64 if sdxl else 32, generator=generator)
     added = None
     if sdxl:
-        added = {"text_embeds": torch.randn(batch, 32, generator=generator),
-                 "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]).repeat(batch, 1)}  # fmt: skip
+        added = {
+            "text_embeds": torch.randn(batch, 32, generator=generator),
+            "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]).repeat(batch, 1),
+        }
     return embeds, added
 
 
@@ -225,9 +253,12 @@ def test_saved_student_loads_with_plain_diffusers_in_a_fresh_process(tmp_path):
     assert not any("lora" in name for name, _ in merged.named_parameters())
     merged.save_pretrained(tmp_path / "unet")
     generator = torch.Generator().manual_seed(0)
-    inputs = {"sample": torch.randn(1, 4, 16, 16, generator=generator), "timestep": torch.tensor([700.0]),
-              "encoder_hidden_states": torch.randn(1, 77, 32, generator=generator),
-              "timestep_cond": torch.randn(1, 8, generator=generator)}  # fmt: skip
+    inputs = {
+        "sample": torch.randn(1, 4, 16, 16, generator=generator),
+        "timestep": torch.tensor([700.0]),
+        "encoder_hidden_states": torch.randn(1, 77, 32, generator=generator),
+        "timestep_cond": torch.randn(1, 8, generator=generator),
+    }
     from safetensors.torch import save_file
 
     save_file(inputs, str(tmp_path / "inputs.safetensors"))

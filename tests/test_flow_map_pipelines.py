@@ -18,8 +18,10 @@ from diffusers_distill import (
 )
 from diffusers_distill.flow_map import build_flow_map_student, merge_flow_map_student
 
-PIPELINES = {"sd15": (testing.tiny_sd15_pipeline, FlowMapStableDiffusionPipeline),
-             "sdxl": (testing.tiny_sdxl_pipeline, FlowMapStableDiffusionXLPipeline)}  # fmt: skip
+PIPELINES = {
+    "sd15": (testing.tiny_sd15_pipeline, FlowMapStableDiffusionPipeline),
+    "sdxl": (testing.tiny_sdxl_pipeline, FlowMapStableDiffusionXLPipeline),
+}
 
 
 def _flow_map_pipeline(arch, perturb=True, **scheduler_kwargs):
@@ -32,8 +34,7 @@ def _flow_map_pipeline(arch, perturb=True, **scheduler_kwargs):
             for name, param in student.named_parameters():
                 if "lora_B" in name or "cond_proj" in name:
                     param.normal_(0, 0.3)
-    pipe = cls.from_teacher(teacher, merge_flow_map_student(student), default_num_inference_steps=2,
-                            **scheduler_kwargs)  # fmt: skip
+    pipe = cls.from_teacher(teacher, merge_flow_map_student(student), default_num_inference_steps=2, **scheduler_kwargs)
     pipe.set_progress_bar_config(disable=True)
     return teacher, pipe
 
@@ -67,8 +68,9 @@ def test_the_loop_passes_each_jump_to_the_student():
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_save_then_from_pretrained_in_a_fresh_process_gives_the_same_images(arch, tmp_path):
     _, pipe = _flow_map_pipeline(arch, sigma_spacing="karras", gamma=0.3)
-    images = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), output_type="np",
-                  height=32, width=32).images  # fmt: skip
+    images = pipe(
+        "a photo of a cat", generator=torch.Generator().manual_seed(0), output_type="np", height=32, width=32
+    ).images
     pipe.save_pretrained(tmp_path / "pipe")
     cls = type(pipe).__name__
     script = textwrap.dedent(f"""
@@ -86,8 +88,14 @@ def test_save_then_from_pretrained_in_a_fresh_process_gives_the_same_images(arch
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
     np.testing.assert_allclose(np.load(tmp_path / "images.npy"), images, rtol=0, atol=1e-5)
     two_steps = images
-    one_step = pipe("a photo of a cat", num_inference_steps=1, generator=torch.Generator().manual_seed(0),
-                    output_type="np", height=32, width=32).images  # fmt: skip
+    one_step = pipe(
+        "a photo of a cat",
+        num_inference_steps=1,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        height=32,
+        width=32,
+    ).images
     assert not np.allclose(one_step, two_steps)  # the default (2 steps) was used above
 
 
@@ -121,13 +129,27 @@ def test_lora_student_loads_into_the_teacher_pipeline_in_a_fresh_process(arch, t
             if "lora_B" in name or "cond_proj" in name:
                 param.normal_(0, 0.3)
     base = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
-    save_flow_map_lora_student(tmp_path / "student", student, base, default_num_inference_steps=2,
-                               sigma_spacing="shifted", shift=2.0, gamma=0.2)  # fmt: skip
-    reference = cls.from_teacher(teacher, merge_flow_map_student(student), default_num_inference_steps=2,
-                                 sigma_spacing="shifted", shift=2.0, gamma=0.2)  # fmt: skip
+    save_flow_map_lora_student(
+        tmp_path / "student",
+        student,
+        base,
+        default_num_inference_steps=2,
+        sigma_spacing="shifted",
+        shift=2.0,
+        gamma=0.2,
+    )
+    reference = cls.from_teacher(
+        teacher,
+        merge_flow_map_student(student),
+        default_num_inference_steps=2,
+        sigma_spacing="shifted",
+        shift=2.0,
+        gamma=0.2,
+    )
     reference.set_progress_bar_config(disable=True)
-    images = reference("a photo of a cat", generator=torch.Generator().manual_seed(0), output_type="np",
-                       height=32, width=32).images  # fmt: skip
+    images = reference(
+        "a photo of a cat", generator=torch.Generator().manual_seed(0), output_type="np", height=32, width=32
+    ).images
     script = textwrap.dedent(f"""
         import numpy as np, torch
         import diffusers_distill

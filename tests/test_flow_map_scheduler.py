@@ -41,17 +41,28 @@ def test_grid_formulas():
     karras.set_timesteps(3)
     low, high = karras.sigma_min, karras.sigma_max
     middle = ((high ** (1 / 7) + low ** (1 / 7)) / 2) ** 7
-    torch.testing.assert_close(karras.sigmas.double(), torch.tensor([high, middle, low, 0.0], dtype=torch.float64),
-                               rtol=1e-6, atol=1e-7)  # fmt: skip
+    torch.testing.assert_close(
+        karras.sigmas.double(), torch.tensor([high, middle, low, 0.0], dtype=torch.float64), rtol=1e-6, atol=1e-7
+    )
 
 
-@pytest.mark.parametrize(("kwargs", "name"), [
-    (dict(gamma=1.5), "gamma"), (dict(gamma=-0.1), "gamma"), (dict(sigma_spacing="log"), "sigma_spacing"),
-    (dict(teacher_type="ve"), "teacher_type"), (dict(shift=0.0), "shift"), (dict(karras_rho=-1.0), "karras_rho"),
-    (dict(sigma_max=0.99), "sigma_max"), (dict(sigma_min=0.95, sigma_max=0.9), "sigma_min"),
-    (dict(prediction_type="sample"), "prediction_type"), (dict(teacher_type="flow_match", prediction_type="epsilon"),
-    "prediction_type"), (dict(beta_schedule="cosine"), "beta_schedule"), (dict(num_train_timesteps=1), "num_train"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(gamma=1.5), "gamma"),
+        (dict(gamma=-0.1), "gamma"),
+        (dict(sigma_spacing="log"), "sigma_spacing"),
+        (dict(teacher_type="ve"), "teacher_type"),
+        (dict(shift=0.0), "shift"),
+        (dict(karras_rho=-1.0), "karras_rho"),
+        (dict(sigma_max=0.99), "sigma_max"),
+        (dict(sigma_min=0.95, sigma_max=0.9), "sigma_min"),
+        (dict(prediction_type="sample"), "prediction_type"),
+        (dict(teacher_type="flow_match", prediction_type="epsilon"), "prediction_type"),
+        (dict(beta_schedule="cosine"), "beta_schedule"),
+        (dict(num_train_timesteps=1), "num_train"),
+    ],
+)
 def test_bad_config_raises_naming_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}"):
         TwoTimedFlowMapScheduler(**kwargs)
@@ -205,8 +216,17 @@ def test_stock_sd_pipeline_with_teacher_is_ddim():
     for scheduler, kwargs in ((ddim, dict(num_inference_steps=4)), (flow_map, dict(sigmas=sigmas))):
         pipe = testing.tiny_sd15_pipeline(scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
-        outputs.append(pipe("a photo of a cat", guidance_scale=3.0, output_type="latent", height=32, width=32,
-                            generator=torch.Generator().manual_seed(0), **kwargs).images)  # fmt: skip
+        outputs.append(
+            pipe(
+                "a photo of a cat",
+                guidance_scale=3.0,
+                output_type="latent",
+                height=32,
+                width=32,
+                generator=torch.Generator().manual_seed(0),
+                **kwargs,
+            ).images
+        )
     assert ddim.timesteps.tolist() == timesteps
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
     assert isinstance(pipe, StableDiffusionPipeline)

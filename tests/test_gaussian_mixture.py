@@ -28,8 +28,9 @@ def _anisotropic_mixture():
     generator = torch.Generator().manual_seed(3)
     means = torch.randn(5, 3, generator=generator, dtype=torch.float64)
     stds = 0.05 + torch.rand(5, 3, generator=generator, dtype=torch.float64)
-    return GaussianMixture(means, stds, weights=torch.tensor([1.0, 2.0, 3.0, 1.0, 0.5]),
-                           component_classes=torch.tensor([0, 0, 1, 1, 2]))
+    return GaussianMixture(
+        means, stds, weights=torch.tensor([1.0, 2.0, 3.0, 1.0, 0.5]), component_classes=torch.tensor([0, 0, 1, 1, 2])
+    )
 
 
 @pytest.mark.parametrize("labels", [None, torch.tensor([0, 1, 2, 1])])
@@ -61,15 +62,17 @@ def _two_gaussian_closed_form(xbar_start, t_start, t_end, mu_u, s_u, mu_c, s_c, 
 
     def phi(t):
         return ((s_u**2 + t**2) / (s_u**2 + t_start**2)) ** ((1 - w) / 2) * (
-            (s_c**2 + t**2) / (s_c**2 + t_start**2)) ** (w / 2)
+            (s_c**2 + t**2) / (s_c**2 + t_start**2)
+        ) ** (w / 2)
 
     def b(t, mu_u_i, mu_c_i):
         return -t * ((1 - w) * mu_u_i / (s_u**2 + t**2) + w * mu_c_i / (s_c**2 + t**2))
 
     out = np.empty_like(xbar_start)
     for i in range(len(mu_u)):
-        integrand = functools.partial(lambda t, mu_u_i, mu_c_i: b(t, mu_u_i, mu_c_i) / phi(t), mu_u_i=mu_u[i],
-                                      mu_c_i=mu_c[i])
+        integrand = functools.partial(
+            lambda t, mu_u_i, mu_c_i: b(t, mu_u_i, mu_c_i) / phi(t), mu_u_i=mu_u[i], mu_c_i=mu_c[i]
+        )
         integral = quad(integrand, t_start, t_end, epsabs=1e-13, epsrel=1e-13, limit=200)[0]
         out[..., i] = phi(t_end) * (xbar_start[..., i] + integral)
     return out

@@ -65,12 +65,19 @@ def option_configs(cls):
         options += [{"coefficients": "fixed"}, {"final_step": "dpmsolver++"}, {"final_step": "multistep"}]
     options += [{"lower_order_final": True}, {"lower_order_final": False}]
     if is_flow(cls):
-        options += [{"shift": 3.0}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True},
-                    {"use_beta_sigmas": True}, {"shift_terminal": 0.1}, {"time_shift_type": "linear"}]
+        options += [
+            {"shift": 3.0},
+            {"use_karras_sigmas": True},
+            {"use_exponential_sigmas": True},
+            {"use_beta_sigmas": True},
+            {"shift_terminal": 0.1},
+            {"time_shift_type": "linear"},
+        ]
     else:
         options += [{"prediction_type": p} for p in ("epsilon", "v_prediction", "sample")]
-        options += [{"timestep_spacing": s, "steps_offset": o} for s in ("linspace", "leading", "trailing")
-                    for o in (0, 1)]
+        options += [
+            {"timestep_spacing": s, "steps_offset": o} for s in ("linspace", "leading", "trailing") for o in (0, 1)
+        ]
         options += [{"use_karras_sigmas": True, "final_sigmas_type": f} for f in ("zero", "sigma_min")]
         options += [{"final_sigmas_type": f} for f in ("zero", "sigma_min")]
         options += [{"beta_schedule": b} for b in ("linear", "scaled_linear", "squaredcos_cap_v2")]
@@ -154,8 +161,12 @@ def test_order_keys_do_not_clash_with_dpm_solver():
     )
 
     ghvb = GHVBScheduler(**SD15, multistep_order=4)
-    for other_cls in (DPMSolverSinglestepScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler,
-                      DEISMultistepScheduler):
+    for other_cls in (
+        DPMSolverSinglestepScheduler,
+        DPMSolverMultistepScheduler,
+        UniPCMultistepScheduler,
+        DEISMultistepScheduler,
+    ):
         other = other_cls.from_config(ghvb.config)
         assert other.config.solver_order == other_cls().config.solver_order
         assert torch.isfinite(full_loop(other, num_inference_steps=6)).all()
@@ -336,8 +347,10 @@ def test_flow_index_for_unknown_timestep_raises(cls):
 @pytest.mark.parametrize("cls", VP_CLASSES)
 def test_zero_length_final_step_is_a_no_op(cls):
     """Karras + sigma_min, or custom timesteps ending at 0 with sigma_min, end with sigma_N = sigma_{N+1}."""
-    for kwargs, schedule in (({"use_karras_sigmas": True}, {"num_inference_steps": 8}),
-                             ({}, {"timesteps": [900, 500, 100, 0]})):
+    for kwargs, schedule in (
+        ({"use_karras_sigmas": True}, {"num_inference_steps": 8}),
+        ({}, {"timesteps": [900, 500, 100, 0]}),
+    ):
         scheduler = cls(**SD15, final_sigmas_type="sigma_min", momentum_beta=0.8, **kwargs)
         scheduler.set_timesteps(**schedule)
         assert scheduler.sigmas[-1] == scheduler.sigmas[-2]
@@ -350,19 +363,22 @@ def test_zero_length_final_step_is_a_no_op(cls):
 
 
 @pytest.mark.parametrize("cls", VP_CLASSES)
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"timesteps": [900, 500, 500]}, "strictly decreasing"),
-    ({"timesteps": [900, 450.5, 10]}, "must be integers"),
-    ({"timesteps": [1000, 500]}, r"\[0, num_train_timesteps=1000\)"),
-    ({"timesteps": [900, float("nan")]}, "finite"),
-    ({"timesteps": []}, "non-empty"),
-    ({"sigmas": [5.0, 1.0, -0.1]}, "positive"),
-    ({"sigmas": [5.0, float("inf")]}, "finite"),
-    ({"num_inference_steps": 0}, r"`num_inference_steps` must be an integer in \[1, 1000\]"),
-    ({"num_inference_steps": 2.5}, "`num_inference_steps` must be an integer"),
-    ({"num_inference_steps": True}, "`num_inference_steps` must be an integer"),
-    ({"num_inference_steps": 5, "timesteps": [900, 100]}, "exactly one"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"timesteps": [900, 500, 500]}, "strictly decreasing"),
+        ({"timesteps": [900, 450.5, 10]}, "must be integers"),
+        ({"timesteps": [1000, 500]}, r"\[0, num_train_timesteps=1000\)"),
+        ({"timesteps": [900, float("nan")]}, "finite"),
+        ({"timesteps": []}, "non-empty"),
+        ({"sigmas": [5.0, 1.0, -0.1]}, "positive"),
+        ({"sigmas": [5.0, float("inf")]}, "finite"),
+        ({"num_inference_steps": 0}, r"`num_inference_steps` must be an integer in \[1, 1000\]"),
+        ({"num_inference_steps": 2.5}, "`num_inference_steps` must be an integer"),
+        ({"num_inference_steps": True}, "`num_inference_steps` must be an integer"),
+        ({"num_inference_steps": 5, "timesteps": [900, 100]}, "exactly one"),
+    ],
+)
 def test_vp_bad_schedules_are_rejected_in_set_timesteps(cls, kwargs, message):
     scheduler = cls()
     with pytest.raises(ValueError, match=message):
@@ -372,14 +388,17 @@ def test_vp_bad_schedules_are_rejected_in_set_timesteps(cls, kwargs, message):
 
 
 @pytest.mark.parametrize("cls", FLOW_CLASSES)
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"sigmas": [1.0, 0.5, 0.5]}, "strictly decreasing"),
-    ({"sigmas": [1.5, 0.5]}, r"\(0, 1\]"),
-    ({"sigmas": [1.0, 0.0]}, r"\(0, 1\]"),
-    ({"timesteps": [1000.0, float("nan")]}, "finite"),
-    ({"num_inference_steps": 1.0}, "`num_inference_steps` must be an integer"),
-    ({}, "Pass one of"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sigmas": [1.0, 0.5, 0.5]}, "strictly decreasing"),
+        ({"sigmas": [1.5, 0.5]}, r"\(0, 1\]"),
+        ({"sigmas": [1.0, 0.0]}, r"\(0, 1\]"),
+        ({"timesteps": [1000.0, float("nan")]}, "finite"),
+        ({"num_inference_steps": 1.0}, "`num_inference_steps` must be an integer"),
+        ({}, "Pass one of"),
+    ],
+)
 def test_flow_bad_schedules_are_rejected_in_set_timesteps(cls, kwargs, message):
     with pytest.raises(ValueError, match=message):
         cls().set_timesteps(**kwargs)
@@ -390,8 +409,9 @@ def test_flow_bad_schedules_are_rejected_in_set_timesteps(cls, kwargs, message):
 def test_numeric_arguments_are_checked_as_numbers(cls, tmp_path):
     key = order_key(cls)
     scheduler = cls(momentum_beta=np.float32(0.8), **{key: np.int64(2)})
-    assert type(scheduler.config.momentum_beta) is float and math.isclose(scheduler.config.momentum_beta, 0.8,
-                                                                            rel_tol=1e-6)
+    assert type(scheduler.config.momentum_beta) is float and math.isclose(
+        scheduler.config.momentum_beta, 0.8, rel_tol=1e-6
+    )
     assert type(scheduler.config[key]) is int and scheduler.config[key] == 2
     scheduler.save_config(tmp_path)  # JSON-serialisable after the conversion
     for bad in (True, "0.8", None, float("nan")):

@@ -48,16 +48,16 @@ def _lagrange_adams_weights(nodes, target):
 
 def test_adams_bashforth_nonuniform_matches_lagrange_integration():
     nodes, target = [2.0, 2.7, 3.9, 5.5], 1.4
-    np.testing.assert_allclose(adams_bashforth_coefficients(nodes, target), _lagrange_adams_weights(nodes, target),
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        adams_bashforth_coefficients(nodes, target), _lagrange_adams_weights(nodes, target), rtol=1e-10
+    )
 
 
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 @pytest.mark.parametrize("beta", [0.2, 0.5, 0.8, 1.0])
 def test_variable_ghvb_reduces_to_paper_mixer_on_uniform_grid(order, beta):
     nodes = [5.0 + 0.1 * j for j in range(max(order, 2))][:order] if order > 1 else [5.0]
-    np.testing.assert_allclose(ghvb_variable_coefficients(nodes, 4.9, beta), ghvb_mixer_table(order, beta),
-                               atol=1e-12)
+    np.testing.assert_allclose(ghvb_variable_coefficients(nodes, 4.9, beta), ghvb_mixer_table(order, beta), atol=1e-12)
     assert math.isclose(sum(ghvb_mixer_table(order, beta)), beta)
 
 
@@ -109,8 +109,14 @@ def _plms_reference(sigma_bars, x_init, model, order, adaptive):
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 @pytest.mark.parametrize("coefficients", ["fixed", "variable"])
 def test_beta_one_is_plms(cls, order, coefficients):
-    scheduler = cls(**SD_SCHEDULE, multistep_order=order, momentum_beta=1.0, coefficients=coefficients,
-                    use_karras_sigmas=True, final_sigmas_type="zero")
+    scheduler = cls(
+        **SD_SCHEDULE,
+        multistep_order=order,
+        momentum_beta=1.0,
+        coefficients=coefficients,
+        use_karras_sigmas=True,
+        final_sigmas_type="zero",
+    )
     scheduler.set_timesteps(12)
     x_init = _x_init()
     got = _run(scheduler, x_init)
@@ -122,9 +128,14 @@ def test_beta_one_is_plms(cls, order, coefficients):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("solver_order", [1, 2])
 def test_dpmsolver_hb_beta_one_matches_diffusers(spacing, prediction_type, solver_order):
-    common = dict(**SD_SCHEDULE, prediction_type=prediction_type, solver_order=solver_order,
-                  timestep_spacing="linspace" if spacing == "karras" else spacing,
-                  use_karras_sigmas=spacing == "karras", steps_offset=1)
+    common = dict(
+        **SD_SCHEDULE,
+        prediction_type=prediction_type,
+        solver_order=solver_order,
+        timestep_spacing="linspace" if spacing == "karras" else spacing,
+        use_karras_sigmas=spacing == "karras",
+        steps_offset=1,
+    )
     for steps, final in ((8, "zero"), (16, "zero"), (8, "sigma_min")):
         ours = DPMSolverHeavyBallScheduler(**common, momentum_beta=1.0, final_sigmas_type=final)
         reference = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", final_sigmas_type=final)
@@ -146,14 +157,17 @@ def test_dpmsolver_hb_momentum_changes_result_and_euler_at_final():
         scheduler.set_timesteps(10)
         results[beta] = _run(scheduler, x_init, dtype=torch.float32)
     assert (results[1.0] - results[0.6]).abs().max() > 1e-3
-    ours = DPMSolverHeavyBallScheduler(**SD_SCHEDULE, momentum_beta=1.0, euler_at_final=True,
-                                       final_sigmas_type="sigma_min", lower_order_final=False)
-    reference = DPMSolverMultistepScheduler(**SD_SCHEDULE, euler_at_final=True, final_sigmas_type="sigma_min",
-                                            lower_order_final=False)
+    ours = DPMSolverHeavyBallScheduler(
+        **SD_SCHEDULE, momentum_beta=1.0, euler_at_final=True, final_sigmas_type="sigma_min", lower_order_final=False
+    )
+    reference = DPMSolverMultistepScheduler(
+        **SD_SCHEDULE, euler_at_final=True, final_sigmas_type="sigma_min", lower_order_final=False
+    )
     ours.set_timesteps(20)
     reference.set_timesteps(20)
-    torch.testing.assert_close(_run(ours, x_init, dtype=torch.float32), _run(reference, x_init, dtype=torch.float32),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _run(ours, x_init, dtype=torch.float32), _run(reference, x_init, dtype=torch.float32), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_flow_ghvb_order_one_beta_one_is_flow_match_euler():
@@ -164,8 +178,9 @@ def test_flow_ghvb_order_one_beta_one_is_flow_match_euler():
     reference.set_timesteps(7)
     torch.testing.assert_close(ours.timesteps, reference.timesteps)
     x_init = _x_init(3).float()
-    torch.testing.assert_close(_run(ours, x_init, dtype=torch.float32), _run(reference, x_init, dtype=torch.float32),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _run(ours, x_init, dtype=torch.float32), _run(reference, x_init, dtype=torch.float32), atol=1e-5, rtol=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------------------------- convergence order
@@ -209,10 +224,17 @@ def _observed_order(cls, grid_fn, n, **config):
 # the measured order is the one of the multistep formula (k). On a uniform sbar grid the big first steps make the
 # warm-up term visible for k = 3, 4 already at moderate N (orders oscillate 2.3..5), so there the uniform-grid
 # behaviour of k = 3, 4 is covered exactly by the coefficient identity tests above and the PLMS reduction.
-@pytest.mark.parametrize(("order", "grid_fn", "n"), [
-    (1, _uniform_grid, 80), (2, _uniform_grid, 80),
-    (1, _quadratic_grid, 40), (2, _quadratic_grid, 40), (3, _quadratic_grid, 40), (4, _quadratic_grid, 40),
-])
+@pytest.mark.parametrize(
+    ("order", "grid_fn", "n"),
+    [
+        (1, _uniform_grid, 80),
+        (2, _uniform_grid, 80),
+        (1, _quadratic_grid, 40),
+        (2, _quadratic_grid, 40),
+        (3, _quadratic_grid, 40),
+        (4, _quadratic_grid, 40),
+    ],
+)
 def test_ghvb_variable_keeps_order_k(order, grid_fn, n):
     q = _observed_order(GHVBScheduler, grid_fn, n, multistep_order=order, momentum_beta=0.7, coefficients="variable")
     assert q > order - 0.3, q
@@ -220,8 +242,9 @@ def test_ghvb_variable_keeps_order_k(order, grid_fn, n):
 
 @pytest.mark.parametrize("order", [3, 4])
 def test_ghvb_fixed_drops_to_second_order_on_nonuniform_grid(order):
-    q = _observed_order(GHVBScheduler, _quadratic_grid, 40, multistep_order=order, momentum_beta=0.7,
-                        coefficients="fixed")
+    q = _observed_order(
+        GHVBScheduler, _quadratic_grid, 40, multistep_order=order, momentum_beta=0.7, coefficients="fixed"
+    )
     assert 1.7 < q < 2.5, q
 
 
@@ -235,28 +258,32 @@ def test_heavy_ball_below_one_is_first_order(cls):
 
 
 def test_dpmsolver_hb_beta_one_matches_diffusers_zero_snr_trailing():
-    common = dict(**SD_SCHEDULE, prediction_type="v_prediction", timestep_spacing="trailing",
-                  rescale_betas_zero_snr=True)
+    common = dict(
+        **SD_SCHEDULE, prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True
+    )
     ours = DPMSolverHeavyBallScheduler(**common, momentum_beta=1.0)
     reference = DPMSolverMultistepScheduler(**common)
     ours.set_timesteps(10)
     reference.set_timesteps(10)
     x_init = _x_init(4).float()
-    torch.testing.assert_close(_run(ours, x_init, dtype=torch.float32), _run(reference, x_init, dtype=torch.float32),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _run(ours, x_init, dtype=torch.float32), _run(reference, x_init, dtype=torch.float32), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("solver_order", [1, 2])
 def test_flow_dpmsolver_hb_beta_one_matches_diffusers_flow_dpmsolver(solver_order):
-    reference = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=1.0, prediction_type="flow_prediction",
-                                            solver_order=solver_order)
+    reference = DPMSolverMultistepScheduler(
+        use_flow_sigmas=True, flow_shift=1.0, prediction_type="flow_prediction", solver_order=solver_order
+    )
     reference.set_timesteps(9)
     ours = FlowMatchDPMSolverHeavyBallScheduler(shift=1.0, solver_order=solver_order, momentum_beta=1.0)
     ours.set_timesteps(sigmas=reference.sigmas[:-1].tolist())
     torch.testing.assert_close(ours.sigmas, reference.sigmas)
     x_init = _x_init(5).float()
-    torch.testing.assert_close(_run(ours, x_init, dtype=torch.float32), _run(reference, x_init, dtype=torch.float32),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _run(ours, x_init, dtype=torch.float32), _run(reference, x_init, dtype=torch.float32), atol=1e-5, rtol=1e-5
+    )
 
 
 def _gaussian_velocity(sample, sigma):
@@ -280,14 +307,17 @@ def _flow_observed_order(cls, n, **config):
 
 # The flow ODE starts at sigma = 1 where the trajectory is already curved, so the lower-order warm-up caps every
 # GHVB order at 2 here (measured 2.14 / 2.31 for k = 4 / 3 at N = 40 -> 80); orders 1-2 and first-order HB are clean.
-@pytest.mark.parametrize(("cls", "config", "low", "high"), [
-    (FlowMatchGHVBScheduler, dict(multistep_order=1, momentum_beta=0.7), 0.8, 1.2),
-    (FlowMatchGHVBScheduler, dict(multistep_order=2, momentum_beta=0.7), 1.8, 2.2),
-    (FlowMatchGHVBScheduler, dict(multistep_order=4, momentum_beta=0.7), 1.9, 3.0),
-    (FlowMatchPLMSHeavyBallScheduler, dict(multistep_order=2, momentum_beta=0.6), 0.8, 1.2),
-    (FlowMatchDPMSolverHeavyBallScheduler, dict(solver_order=2, momentum_beta=0.6), 0.8, 1.2),
-    (FlowMatchDPMSolverHeavyBallScheduler, dict(solver_order=2, momentum_beta=1.0), 1.8, 3.5),
-])
+@pytest.mark.parametrize(
+    ("cls", "config", "low", "high"),
+    [
+        (FlowMatchGHVBScheduler, dict(multistep_order=1, momentum_beta=0.7), 0.8, 1.2),
+        (FlowMatchGHVBScheduler, dict(multistep_order=2, momentum_beta=0.7), 1.8, 2.2),
+        (FlowMatchGHVBScheduler, dict(multistep_order=4, momentum_beta=0.7), 1.9, 3.0),
+        (FlowMatchPLMSHeavyBallScheduler, dict(multistep_order=2, momentum_beta=0.6), 0.8, 1.2),
+        (FlowMatchDPMSolverHeavyBallScheduler, dict(solver_order=2, momentum_beta=0.6), 0.8, 1.2),
+        (FlowMatchDPMSolverHeavyBallScheduler, dict(solver_order=2, momentum_beta=1.0), 1.8, 3.5),
+    ],
+)
 def test_flow_convergence_orders(cls, config, low, high):
     q = _flow_observed_order(cls, 40, **config)
     assert low < q < high, q
@@ -303,8 +333,13 @@ def _lambda(alpha_bar: float) -> float:
 def test_dpmsolver_final_step_is_dpm_solver_plus_plus(cls, steps, second_order):
     """final_step="dpmsolver++": the last step is DPM-Solver++ (2M from 10 steps on, 1 below) in the data form,
     x' = (sigma'/sigma) x - alpha' (e^{-h} - 1) D, D = x0_n + h/(2 h_prev) (x0_n - x0_{n-1})."""
-    scheduler = cls(**SD_SCHEDULE, momentum_beta=0.8, final_step="dpmsolver++", final_sigmas_type="sigma_min",
-                    timestep_spacing="trailing")
+    scheduler = cls(
+        **SD_SCHEDULE,
+        momentum_beta=0.8,
+        final_step="dpmsolver++",
+        final_sigmas_type="sigma_min",
+        timestep_spacing="trailing",
+    )
     scheduler.set_timesteps(steps)
     sample = _x_init()
     data = []
@@ -319,6 +354,7 @@ def test_dpmsolver_final_step_is_dpm_solver_plus_plus(cls, steps, second_order):
     h_prev, h = _lambda(a) - _lambda(a_prev), _lambda(a_next) - _lambda(a)
     x0 = last.pred_original_sample.double()
     direction = x0 + (h / (2 * h_prev)) * (x0 - data[-1].double()) if second_order else x0
-    expected = (math.sqrt(1 - a_next) / math.sqrt(1 - a)) * sample.double() \
-        - math.sqrt(a_next) * (math.exp(-h) - 1) * direction
+    expected = (math.sqrt(1 - a_next) / math.sqrt(1 - a)) * sample.double() - math.sqrt(a_next) * (
+        math.exp(-h) - 1
+    ) * direction
     torch.testing.assert_close(last.prev_sample.double(), expected, atol=1e-5, rtol=1e-5)

@@ -29,10 +29,15 @@ def test_rejects_bad_order(cls):
 
 
 @pytest.mark.parametrize("cls", VP_CLASSES)
-@pytest.mark.parametrize(("key", "value"), [
-    ("prediction_type", "flow"), ("beta_schedule", "cosine"), ("timestep_spacing", "uniform"),
-    ("final_sigmas_type", "max"),
-])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("prediction_type", "flow"),
+        ("beta_schedule", "cosine"),
+        ("timestep_spacing", "uniform"),
+        ("final_sigmas_type", "max"),
+    ],
+)
 def test_rejects_unknown_vp_choices(cls, key, value):
     with pytest.raises(ValueError, match=f"`{key}` must be one of"):
         cls(**{key: value})
@@ -92,8 +97,15 @@ def test_save_and_load_round_trip_keeps_config(cls, tmp_path):
 
 @pytest.mark.parametrize("cls", VP_CLASSES)
 def test_from_sd15_pndm_config(cls):
-    pndm = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                         skip_prk_steps=True, set_alpha_to_one=False, timestep_spacing="leading")
+    pndm = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        timestep_spacing="leading",
+    )
     scheduler = cls.from_config(pndm.config, momentum_beta=0.7)
     assert scheduler.config.beta_schedule == "scaled_linear"
     assert scheduler.config.timestep_spacing == "leading"
@@ -172,8 +184,7 @@ def test_demo_gaussian_mixture_stage_shows_package_schedulers_beside_diffusers(t
 
     result = stage_gaussian_mixture(str(tmp_path))
     names = {row["sampler"] for row in result["gaussian_mixture"]}
-    assert {"DDIM", "DPM++2M", "DEIS", "UniPC", "GHVB (default)", "PLMS-HB (default)",
-            "DPM++2M-HB (default)"} <= names
+    assert {"DDIM", "DPM++2M", "DEIS", "UniPC", "GHVB (default)", "PLMS-HB (default)", "DPM++2M-HB (default)"} <= names
     table = (tmp_path / "gaussian_mixture_metrics.md").read_text()
     assert "| GHVB (default) |" in table and "| DEIS |" in table and "**guidance 15**" in table
     assert (tmp_path / "gaussian_mixture_error_vs_nfe.png").stat().st_size > 1000

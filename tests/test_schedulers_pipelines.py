@@ -18,8 +18,9 @@ CALL = dict(height=32, width=32, output_type="np", guidance_scale=7.5)
 
 
 def _generate(pipe, steps=5, **kwargs):
-    return pipe("a photo of a cat", num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-                **CALL, **kwargs).images
+    return pipe(
+        "a photo of a cat", num_inference_steps=steps, generator=torch.Generator().manual_seed(0), **CALL, **kwargs
+    ).images
 
 
 def _check_twice_identical(pipe, **kwargs):

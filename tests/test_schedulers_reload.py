@@ -89,11 +89,15 @@ def child_report(saved_pipelines):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(list(saved_pipelines)), json.dumps(CALL)],
-        check=False, capture_output=True, text=True, env=env, timeout=600,
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))
-    return json.loads(line[len("REPORT"):])
+    return json.loads(line[len("REPORT") :])
 
 
 def test_model_index_names_the_defining_module(saved_pipelines):

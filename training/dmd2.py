@@ -41,7 +41,7 @@ from diffusers_distill.students import (
 from diffusers_distill.teacher import PromptEncoder, guided_x0, predict_x0, unet_output
 
 from . import core
-from .checkpointing import checkpoint_step, find_latest_checkpoint, resolve_resume_checkpoint, save_checkpoint
+from .checkpointing import find_latest_checkpoint, save_checkpoint
 from .config import ConfigError
 from .core import NonFiniteLossError, randint, randn
 from .dmd2_config import DMD2Config
@@ -312,17 +312,6 @@ def validation_images(parts: DMD2Parts, config: DMD2Config, accelerator) -> torc
     return core.decode_latents(parts.vae, latents)
 
 
-def resume(accelerator, config: DMD2Config) -> int:
-    """Load ``--resume_from_checkpoint`` (hooks restore the networks); returns the step to continue from."""
-    path = resolve_resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
-    if path is None:
-        return 0
-    step = checkpoint_step(path)
-    logger.info("resuming from %s at step %d", os.path.basename(os.path.normpath(path)), step)
-    accelerator.load_state(path)
-    return step
-
-
 def make_optimizers(config: DMD2Config, parts: DMD2Parts, accelerator, total_steps: int):
     """AdamW + LR schedule for the generator and for the fake score, prepared by accelerate."""
     optimizers, schedulers = [], []
@@ -360,12 +349,6 @@ def train_step(step: int, parts: DMD2Parts, config: DMD2Config, accelerator, dat
     return totals
 
 
-def _record(accelerator, step: int, logs: dict) -> dict:
-    names = sorted(logs)
-    values = accelerator.reduce(torch.stack([logs[n] for n in names]).to(accelerator.device), reduction="mean")
-    return {"step": step, **{n: float(v) for n, v in zip(names, values.tolist())}}
-
-
 def train_loop(config, accelerator, parts, data, optimizers, schedulers, ema, start_step: int, total_steps: int):
     """Steps ``start_step .. total_steps``: train, log, guard against NaN, checkpoint, validate."""
     from tqdm.auto import tqdm
@@ -378,7 +361,7 @@ def train_loop(config, accelerator, parts, data, optimizers, schedulers, ema, st
     )
     for step in progress:
         logs = train_step(step, parts, config, accelerator, data, optimizers, schedulers, ema)
-        record = _record(accelerator, step + 1, logs)
+        record = core.reduce_logs(accelerator, step + 1, logs)
         core.check_finite(record, last_checkpoint)
         history.append(record)
         loss_log.append(record)
@@ -391,21 +374,6 @@ def train_loop(config, accelerator, parts, data, optimizers, schedulers, ema, st
                 images = validation_images(parts, config, accelerator)
             core.save_validation_grid(accelerator, images, config.validation_prompts, config.output_dir, step + 1)
     return history
-
-
-def prepare_hub(config: DMD2Config, accelerator) -> str | None:
-    """With ``--push_to_hub``: check the token and create the repo now (main process), not after training."""
-    if not (config.push_to_hub and accelerator.is_main_process):
-        return None
-    from diffusers_distill import hub
-
-    try:
-        repo_id = hub.prepare_hub_repo(config.hub_repo_name(), token=config.hub_token)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
-    default = "" if config.hub_model_id else " (the name of --output_dir; set --hub_model_id to choose another)"
-    logger.info("--push_to_hub: the student will be uploaded to %s%s", repo_id, default)
-    return repo_id
 
 
 # ---------------------------------------------------------------------- the recipe
@@ -423,7 +391,7 @@ def train_dmd2(config: DMD2Config) -> dict:
     accelerator = core.make_accelerator(config, find_unused_parameters=True)  # phases train disjoint parameters
     core.setup_logging(accelerator)
     set_seed(config.seed)  # identical initial weights (LoRA init, GAN head) on every process
-    repo_id = prepare_hub(config, accelerator)
+    repo_id = core.prepare_hub(config, accelerator)
     # 3. Data: its errors are reported before the teacher loads.
     data = core.load_training_data(config, config.resolution or 512)
     # 4. The teacher and the DMD2 networks built on its UNet.
@@ -438,7 +406,7 @@ def train_dmd2(config: DMD2Config) -> dict:
     generator_params = parts.networks.parameters_of("generator")
     ema = EMAModel(generator_params, decay=config.ema_decay) if config.use_ema else None
     register_checkpoint_hooks(accelerator, parts.networks, type(pipe), ema)
-    start_step = resume(accelerator, config)
+    start_step = core.resume_from_checkpoint(accelerator, config)
     # 7. Trackers and the prompt cache.
     if accelerator.is_main_process and config.report_to != "none":
         accelerator.init_trackers(config.tracker_project_name, config=config.tracker_config())

@@ -1,6 +1,6 @@
 """Train the bundled digit classifier used by :mod:`diffusers_distill.evaluation` (seeded, ~1 min on 1 CPU thread).
 
-    python -m diffusers_distill.training.train_digits_classifier [--output PATH] [--seed 0] [--epochs 15]
+python -m diffusers_distill.training.train_digits_classifier [--output PATH] [--seed 0] [--epochs 15]
 """
 
 from __future__ import annotations
@@ -26,8 +26,16 @@ def main(argv=None):
     start = time.time()
     model, accuracy = train_digit_classifier(epochs=args.epochs, seed=args.seed)
     seconds = time.time() - start
-    save_digit_classifier(model, args.output, extra={"held_out_accuracy": accuracy, "seed": args.seed,
-                                                     "epochs": args.epochs, "train_seconds": round(seconds, 1)})
+    save_digit_classifier(
+        model,
+        args.output,
+        extra={
+            "held_out_accuracy": accuracy,
+            "seed": args.seed,
+            "epochs": args.epochs,
+            "train_seconds": round(seconds, 1),
+        },
+    )
     print(f"held-out accuracy {accuracy:.4f} in {seconds:.0f}s -> {args.output}")
 
 
