@@ -40,6 +40,7 @@ import math
 import torch
 from torch import nn
 
+from .constants import DEFAULT_LORA_TARGET_MODULES
 from .gaussian_mixture import classifier_free_guidance
 
 __all__ = [
@@ -61,23 +62,8 @@ __all__ = [
 
 VP_PREDICTION_TYPES = ("epsilon", "v_prediction")
 STUDENT_TYPES = ("lora", "full")
-# Same module list as the DMD2 LoRA students (diffusers' LCM-LoRA script); the new pathway is trained in full.
-FLOW_MAP_LORA_TARGET_MODULES = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "proj_in",
-    "proj_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "conv1",
-    "conv2",
-    "conv_shortcut",
-    "downsamplers.0.conv",
-    "upsamplers.0.conv",
-    "time_emb_proj",
-)
+# The DMD2 LoRA students' module list (diffusers' LCM-LoRA script); the new pathway is trained in full.
+FLOW_MAP_LORA_TARGET_MODULES = DEFAULT_LORA_TARGET_MODULES
 JUMP_PATHWAY = "time_embedding.cond_proj"
 
 

@@ -371,7 +371,69 @@ def save_validation_grid(accelerator, images: torch.Tensor, prompts: list[str], 
     return path
 
 
-# ---------------------------------------------------------------------- resume, logs, Hub (any recipe)
+# ---------------------------------------------------------------------- the loop, resume, logs, Hub (any recipe)
+class TrainingPhase(torch.nn.Module):
+    """A recipe's training phase as the ``forward`` of one module, so that ``accelerator.prepare`` can wrap it.
+
+    A distillation step calls its networks several times (student, EMA target, teacher; or several roles), so there
+    is no single forward to hand to DDP. ``TrainingPhase(module)(compute)`` runs ``compute()`` as this module's
+    forward: DDP then all-reduces, during the backward, the gradients of the parameters of ``module`` that the
+    returned loss depends on (use ``find_unused_parameters=True`` when a phase trains only some of them).
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, compute, *args, **kwargs):
+        return compute(*args, **kwargs)
+
+
+def train_loop(
+    config: TrainingConfig,
+    accelerator,
+    start_step: int,
+    total_steps: int,
+    desc: str,
+    train_step,
+    current_lr,
+    validation_images,
+    ema=None,
+    ema_params=(),
+) -> list[dict]:
+    """Steps ``start_step .. total_steps`` of any recipe: ``train_step(step)`` returns the step's loss tensors; they are
+    averaged over processes, logged (``losses.jsonl``, the tracker with ``current_lr()``, the progress bar) and checked
+    for NaN; then checkpoints every ``checkpointing_steps``, and every ``validation_steps`` a grid of
+    ``validation_images()`` sampled with the EMA weights of ``ema_params``. Returns the logged records."""
+    from tqdm.auto import tqdm
+
+    from .checkpointing import find_latest_checkpoint, save_checkpoint
+
+    loss_log = LossLog(config.output_dir, start_step, accelerator.is_main_process)
+    last_checkpoint, history = find_latest_checkpoint(config.output_dir), []
+    progress = tqdm(
+        range(start_step, total_steps),
+        initial=start_step,
+        total=total_steps,
+        desc=desc,
+        disable=not accelerator.is_local_main_process,
+    )
+    for step in progress:
+        record = reduce_logs(accelerator, step + 1, train_step(step))
+        check_finite(record, last_checkpoint)
+        history.append(record)
+        loss_log.append(record)
+        progress.set_postfix({n: f"{v:.4g}" for n, v in record.items() if n != "step"})
+        accelerator.log({**record, "lr": current_lr()}, step=step + 1)
+        if (step + 1) % config.checkpointing_steps == 0:
+            last_checkpoint = save_checkpoint(accelerator, config.output_dir, step + 1, config.checkpoints_total_limit)
+        if config.validation_prompts and (step + 1) % config.validation_steps == 0 and accelerator.is_main_process:
+            with ema_weights(ema, ema_params):
+                images = validation_images()
+            save_validation_grid(accelerator, images, config.validation_prompts, config.output_dir, step + 1)
+    return history
+
+
 def resume_from_checkpoint(accelerator, config: TrainingConfig) -> int:
     """Load ``--resume_from_checkpoint`` (the recipe's registered hooks restore its networks); returns the step to
     continue from (0 without a checkpoint)."""

@@ -41,7 +41,7 @@ from diffusers_distill.students import (
 from diffusers_distill.teacher import PromptEncoder, guided_x0, predict_x0, unet_output
 
 from . import core
-from .checkpointing import find_latest_checkpoint, save_checkpoint
+from .checkpointing import find_latest_checkpoint
 from .config import ConfigError
 from .core import NonFiniteLossError, randint, randn
 from .dmd2_config import DMD2Config
@@ -350,30 +350,19 @@ def train_step(step: int, parts: DMD2Parts, config: DMD2Config, accelerator, dat
 
 
 def train_loop(config, accelerator, parts, data, optimizers, schedulers, ema, start_step: int, total_steps: int):
-    """Steps ``start_step .. total_steps``: train, log, guard against NaN, checkpoint, validate."""
-    from tqdm.auto import tqdm
-
-    loss_log = core.LossLog(config.output_dir, start_step, accelerator.is_main_process)
-    last_checkpoint, history = find_latest_checkpoint(config.output_dir), []
-    steps = range(start_step, total_steps)
-    progress = tqdm(
-        steps, initial=start_step, total=total_steps, desc="DMD2", disable=not accelerator.is_local_main_process
+    """Steps ``start_step .. total_steps`` through the core loop (train, log, NaN guard, checkpoint, validate)."""
+    return core.train_loop(
+        config,
+        accelerator,
+        start_step,
+        total_steps,
+        "DMD2",
+        train_step=lambda step: train_step(step, parts, config, accelerator, data, optimizers, schedulers, ema),
+        current_lr=lambda: schedulers[1].get_last_lr()[0],
+        validation_images=lambda: validation_images(parts, config, accelerator),
+        ema=ema,
+        ema_params=parts.networks.parameters_of("generator"),
     )
-    for step in progress:
-        logs = train_step(step, parts, config, accelerator, data, optimizers, schedulers, ema)
-        record = core.reduce_logs(accelerator, step + 1, logs)
-        core.check_finite(record, last_checkpoint)
-        history.append(record)
-        loss_log.append(record)
-        progress.set_postfix({n: f"{v:.4g}" for n, v in record.items() if n != "step"})
-        accelerator.log({**record, "lr": schedulers[1].get_last_lr()[0]}, step=step + 1)
-        if (step + 1) % config.checkpointing_steps == 0:
-            last_checkpoint = save_checkpoint(accelerator, config.output_dir, step + 1, config.checkpoints_total_limit)
-        if config.validation_prompts and (step + 1) % config.validation_steps == 0 and accelerator.is_main_process:
-            with core.ema_weights(ema, parts.networks.parameters_of("generator")):
-                images = validation_images(parts, config, accelerator)
-            core.save_validation_grid(accelerator, images, config.validation_prompts, config.output_dir, step + 1)
-    return history
 
 
 # ---------------------------------------------------------------------- the recipe

@@ -43,7 +43,6 @@ from diffusers_distill.randomness import rand
 from diffusers_distill.teacher import PromptEmbeddings, PromptEncoder, pipeline_arch
 
 from . import core
-from .checkpointing import find_latest_checkpoint, save_checkpoint
 from .config import ConfigError
 from .core import NonFiniteLossError, randn
 from .flow_map_config import FlowMapConfig
@@ -78,6 +77,7 @@ class FlowMapParts:
     sigma_max: float  # the teacher's largest RF time (0.936 for SD): pure noise
     prediction_type: str
     device: torch.device
+    prepared: torch.nn.Module | None = None  # accelerate's (DDP) wrapper of core.TrainingPhase(model), once made
 
     @property
     def student(self):
@@ -191,8 +191,12 @@ def flow_map_loss(parts: FlowMapParts, config: FlowMapConfig, x_s, s, t, cond, u
 def flow_map_step(parts: FlowMapParts, config: FlowMapConfig, accelerator, data, rng) -> dict:
     """Inputs, loss and backward into the trainable weights for one micro-batch; returns the detached loss."""
     x_s, s, t, cond, uncond = flow_map_inputs(parts, config, accelerator, data, rng)
-    with accelerator.autocast():
-        loss = flow_map_loss(parts, config, x_s, s, t, cond, uncond)
+
+    def compute_loss():  # run through the prepared module, so that DDP all-reduces the gradients in the backward
+        with accelerator.autocast():
+            return flow_map_loss(parts, config, x_s, s, t, cond, uncond)
+
+    loss = compute_loss() if parts.prepared is None else parts.prepared(compute_loss)
     accelerator.backward(loss, inputs=parts.params)
     return {"loss": loss.detach()}
 
@@ -258,6 +262,7 @@ def register_checkpoint_hooks(accelerator, parts: FlowMapParts, pipeline_class, 
     pathway = parts.student.time_embedding.cond_proj.weight
 
     def save_hook(models, weights, output_dir):
+        weights.clear()  # the prepared student is written below in diffusers formats, not as model.safetensors
         if not accelerator.is_main_process:
             return
         if is_lora:
@@ -273,6 +278,7 @@ def register_checkpoint_hooks(accelerator, parts: FlowMapParts, pipeline_class, 
             core.save_ema_state(ema, os.path.join(output_dir, "ema_student.safetensors"))
 
     def load_hook(models, input_dir):
+        models.clear()  # restored below; accelerate must not look for model.safetensors
         with torch.no_grad():
             if is_lora:
                 folder = os.path.join(input_dir, "student_lora")
@@ -402,7 +408,7 @@ def train_step(
     Returns the loss averaged over the micro-batches (a tensor)."""
     totals: dict[str, torch.Tensor] = {}
     for micro_batch in range(config.gradient_accumulation_steps):
-        with accelerator.accumulate():
+        with accelerator.accumulate(*([] if parts.prepared is None else [parts.prepared])):
             rng = core.step_generator(config.seed, step, accelerator.process_index, micro_batch)
             logs = flow_map_step(parts, config, accelerator, data, rng)
         for name, value in logs.items():
@@ -417,33 +423,19 @@ def train_step(
 
 
 def train_loop(config, accelerator, parts, data, optimizer, scheduler, ema, start_step: int, total_steps: int):
-    """Steps ``start_step .. total_steps``: train, log, guard against NaN, checkpoint, validate."""
-    from tqdm.auto import tqdm
-
-    loss_log = core.LossLog(config.output_dir, start_step, accelerator.is_main_process)
-    last_checkpoint, history = find_latest_checkpoint(config.output_dir), []
-    progress = tqdm(
-        range(start_step, total_steps),
-        initial=start_step,
-        total=total_steps,
-        desc=f"flow map ({config.loss})",
-        disable=not accelerator.is_local_main_process,
+    """Steps ``start_step .. total_steps`` through the core loop (train, log, NaN guard, checkpoint, validate)."""
+    return core.train_loop(
+        config,
+        accelerator,
+        start_step,
+        total_steps,
+        f"flow map ({config.loss})",
+        train_step=lambda step: train_step(step, parts, config, accelerator, data, optimizer, scheduler, ema),
+        current_lr=lambda: scheduler.get_last_lr()[0],
+        validation_images=lambda: validation_images(parts, config, accelerator),
+        ema=ema,
+        ema_params=parts.params,
     )
-    for step in progress:
-        logs = train_step(step, parts, config, accelerator, data, optimizer, scheduler, ema)
-        record = core.reduce_logs(accelerator, step + 1, logs)
-        core.check_finite(record, last_checkpoint)
-        history.append(record)
-        loss_log.append(record)
-        progress.set_postfix({n: f"{v:.4g}" for n, v in record.items() if n != "step"})
-        accelerator.log({**record, "lr": scheduler.get_last_lr()[0]}, step=step + 1)
-        if (step + 1) % config.checkpointing_steps == 0:
-            last_checkpoint = save_checkpoint(accelerator, config.output_dir, step + 1, config.checkpoints_total_limit)
-        if config.validation_prompts and (step + 1) % config.validation_steps == 0 and accelerator.is_main_process:
-            with core.ema_weights(ema, parts.params):
-                images = validation_images(parts, config, accelerator)
-            core.save_validation_grid(accelerator, images, config.validation_prompts, config.output_dir, step + 1)
-    return history
 
 
 # ---------------------------------------------------------------------- the recipe
@@ -458,7 +450,7 @@ def train_flow_map(config: FlowMapConfig) -> dict:
     # 1. Check every option before anything is loaded.
     config.validate()
     # 2. accelerate, logging and the seed; the Hub repo and token are checked now, not after training.
-    accelerator = core.make_accelerator(config)
+    accelerator = core.make_accelerator(config, find_unused_parameters=True)  # see core.TrainingPhase
     core.setup_logging(accelerator)
     set_seed(config.seed)  # identical initial weights (LoRA init) on every process
     repo_id = core.prepare_hub(config, accelerator)
@@ -471,6 +463,7 @@ def train_flow_map(config: FlowMapConfig) -> dict:
     # 5. Optimizer and learning-rate schedule.
     total_steps = core.num_training_steps(config, len(data.prompts), accelerator.num_processes)
     optimizer, scheduler = make_optimizer(config, parts, accelerator, total_steps)
+    parts.prepared = accelerator.prepare(core.TrainingPhase(parts.model))  # DDP with several processes
     # 6. Evaluation EMA, checkpoint hooks, resume.
     ema = EMAModel(parts.params, decay=config.ema_decay) if config.use_ema else None
     register_checkpoint_hooks(accelerator, parts, type(pipe), ema)
