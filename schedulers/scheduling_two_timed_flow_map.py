@@ -7,6 +7,7 @@ arXiv 2505.01169; [CTM] = Kim et al., arXiv 2310.02279 (gamma-sampling); [TCD] =
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -178,7 +179,13 @@ class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
+        if isinstance(begin_index, bool) or not isinstance(begin_index, numbers.Integral) or begin_index < 0:
+            raise ValueError(f"`begin_index` must be an int >= 0, got {begin_index!r}.")
+        if self.num_inference_steps is not None and begin_index > self.num_inference_steps:
+            raise ValueError(
+                f"`begin_index` must be <= num_inference_steps={self.num_inference_steps}, got {begin_index!r}."
+            )
+        self._begin_index = int(begin_index)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -222,17 +229,19 @@ class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
         if num_inference_steps is not None:
             if (
                 isinstance(num_inference_steps, bool)
-                or not isinstance(num_inference_steps, int)
+                or not isinstance(num_inference_steps, numbers.Integral)  # numpy integers too
                 or num_inference_steps < 1
             ):
                 raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}.")
-            nodes = self._grid(num_inference_steps)
+            nodes = self._grid(int(num_inference_steps))
         else:
             nodes = [float(v) for v in torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).tolist()]
             limit = self.teacher_sigma_max
-            if not nodes or any(b >= a for a, b in zip(nodes, nodes[1:])) or nodes[-1] <= 0 or nodes[0] > limit + 1e-9:
+            finite = all(math.isfinite(v) for v in nodes)
+            decreasing = all(b < a for a, b in zip(nodes, nodes[1:]))
+            if not nodes or not finite or not decreasing or nodes[-1] <= 0 or nodes[0] > limit + 1e-9:
                 raise ValueError(
-                    f"`sigmas` must be a non-empty, strictly decreasing sequence in (0, {limit:.6g}] "
+                    f"`sigmas` must be a non-empty, finite, strictly decreasing sequence in (0, {limit:.6g}] "
                     f"(the teacher's RF range), got {nodes}."
                 )
         gamma = self.config.gamma if gamma is None else gamma
