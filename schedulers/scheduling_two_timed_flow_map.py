@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -91,7 +91,11 @@ class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
         gamma: re-noising fraction in [0, 1] (0 = deterministic flow map, 1 = consistency multistep).
     """
 
-    _compatibles = []
+    # Schedulers that run on the same teacher config, and switch back losslessly (diffusers keeps our keys): SD's for VP
+    # teachers, the flow-matching ones for flow teachers. The ``compatibles`` property picks by ``teacher_type``.
+    _vp_compatibles = [e.name for e in KarrasDiffusionSchedulers if e.name != "EDMEulerScheduler"]
+    _flow_compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
+    _compatibles = _vp_compatibles + _flow_compatibles
     order = 1
 
     @register_to_config
@@ -128,18 +132,19 @@ class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
             _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
             from diffusers import DDPMScheduler  # the betas of every VP schedule, exactly as diffusers builds them
 
-            self.alphas_cumprod = DDPMScheduler(
+            ddpm = DDPMScheduler(
                 num_train_timesteps=num_train_timesteps,
                 beta_start=beta_start,
                 beta_end=beta_end,
                 beta_schedule=beta_schedule,
                 trained_betas=trained_betas,
-            ).alphas_cumprod.to(torch.float64)
+            )
+            self.betas, self.alphas_cumprod = ddpm.betas, ddpm.alphas_cumprod.to(torch.float64)
             from diffusers_distill.flow_map import vp_sigma_range
 
             self.teacher_sigma_min, self.teacher_sigma_max = vp_sigma_range(self.alphas_cumprod)
         else:
-            self.alphas_cumprod = None
+            self.betas = self.alphas_cumprod = None
             self.teacher_sigma_min, self.teacher_sigma_max = 1.0 / num_train_timesteps, 1.0
         if sigma_max is not None:
             _check_range("sigma_max", sigma_max, 0.0, self.teacher_sigma_max, low_open=True)
@@ -153,6 +158,12 @@ class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = None
 
     # ---------------------------------------------------------------- configuration-derived values
+    @property
+    def compatibles(self) -> list:
+        """The diffusers schedulers for this ``teacher_type`` (SD's for "vp", flow matching's for "flow_match")."""
+        names = self._vp_compatibles if self.config.teacher_type == "vp" else self._flow_compatibles
+        return [c for c in self._get_compatibles() if c.__name__ in names]
+
     @property
     def sigma_max(self) -> float:
         return self.config.sigma_max if self.config.sigma_max is not None else self.teacher_sigma_max

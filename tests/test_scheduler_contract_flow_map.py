@@ -62,14 +62,24 @@ def test_save_load_and_from_config_round_trips_give_identical_steps(option, tmp_
         torch.testing.assert_close(seeded_loop(other, num_inference_steps=5), reference, atol=0, rtol=0)
 
 
+def test_trained_betas_round_trip(tmp_path):
+    scheduler = TwoTimedFlowMapScheduler(trained_betas=[0.1, 0.3], num_train_timesteps=2)
+    scheduler.save_pretrained(tmp_path)
+    loaded = TwoTimedFlowMapScheduler.from_pretrained(tmp_path)
+    assert loaded.betas.tolist() == scheduler.betas.tolist() == pytest.approx([0.1, 0.3])
+    torch.testing.assert_close(loaded.alphas_cumprod, torch.tensor([0.9, 0.63], dtype=torch.float64))
+
+
 @pytest.mark.parametrize("teacher_type", TEACHERS)
 def test_compatibles_build_from_our_config_and_back(teacher_type):
     """Whatever ``compatibles`` declares builds from our config and back; the diffusers schedulers a pipeline
     swaps in (DDIM / Euler for SD, FlowMatchEuler for SD3) keep our keys, so switching back is lossless."""
     scheduler = TwoTimedFlowMapScheduler(teacher_type=teacher_type, sigma_spacing="karras", gamma=0.25, **SD15)
     declared = [c for c in scheduler.compatibles if not isinstance(c, DummyObject)]
-    others = [DDIMScheduler, EulerDiscreteScheduler] if teacher_type == "vp" else [FlowMatchEulerDiscreteScheduler]
-    for other_cls in declared + others:
+    expected = {DDIMScheduler, EulerDiscreteScheduler} if teacher_type == "vp" else {FlowMatchEulerDiscreteScheduler}
+    assert expected <= set(declared)
+    assert all(("FlowMatch" in c.__name__) == (teacher_type == "flow_match") for c in declared)
+    for other_cls in declared:
         other = other_cls.from_config(scheduler.config)
         assert torch.isfinite(full_loop(other, num_inference_steps=4)).all(), other_cls.__name__
         if teacher_type == "vp":
