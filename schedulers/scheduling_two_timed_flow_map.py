@@ -7,11 +7,12 @@ arXiv 2505.01169; [CTM] = Kim et al., arXiv 2310.02279 (gamma-sampling); [TCD] =
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -90,7 +91,11 @@ class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
         gamma: re-noising fraction in [0, 1] (0 = deterministic flow map, 1 = consistency multistep).
     """
 
-    _compatibles = []
+    # Schedulers that run on the same teacher config, and switch back losslessly (diffusers keeps our keys): SD's for VP
+    # teachers, the flow-matching ones for flow teachers. The ``compatibles`` property picks by ``teacher_type``.
+    _vp_compatibles = [e.name for e in KarrasDiffusionSchedulers if e.name != "EDMEulerScheduler"]
+    _flow_compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
+    _compatibles = _vp_compatibles + _flow_compatibles
     order = 1
 
     @register_to_config
@@ -127,18 +132,19 @@ class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
             _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
             from diffusers import DDPMScheduler  # the betas of every VP schedule, exactly as diffusers builds them
 
-            self.alphas_cumprod = DDPMScheduler(
+            ddpm = DDPMScheduler(
                 num_train_timesteps=num_train_timesteps,
                 beta_start=beta_start,
                 beta_end=beta_end,
                 beta_schedule=beta_schedule,
                 trained_betas=trained_betas,
-            ).alphas_cumprod.to(torch.float64)
+            )
+            self.betas, self.alphas_cumprod = ddpm.betas, ddpm.alphas_cumprod.to(torch.float64)
             from diffusers_distill.flow_map import vp_sigma_range
 
             self.teacher_sigma_min, self.teacher_sigma_max = vp_sigma_range(self.alphas_cumprod)
         else:
-            self.alphas_cumprod = None
+            self.betas = self.alphas_cumprod = None
             self.teacher_sigma_min, self.teacher_sigma_max = 1.0 / num_train_timesteps, 1.0
         if sigma_max is not None:
             _check_range("sigma_max", sigma_max, 0.0, self.teacher_sigma_max, low_open=True)
@@ -152,6 +158,12 @@ class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = None
 
     # ---------------------------------------------------------------- configuration-derived values
+    @property
+    def compatibles(self) -> list:
+        """The diffusers schedulers for this ``teacher_type`` (SD's for "vp", flow matching's for "flow_match")."""
+        names = self._vp_compatibles if self.config.teacher_type == "vp" else self._flow_compatibles
+        return [c for c in self._get_compatibles() if c.__name__ in names]
+
     @property
     def sigma_max(self) -> float:
         return self.config.sigma_max if self.config.sigma_max is not None else self.teacher_sigma_max
@@ -178,7 +190,13 @@ class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
+        if isinstance(begin_index, bool) or not isinstance(begin_index, numbers.Integral) or begin_index < 0:
+            raise ValueError(f"`begin_index` must be an int >= 0, got {begin_index!r}.")
+        if self.num_inference_steps is not None and begin_index > self.num_inference_steps:
+            raise ValueError(
+                f"`begin_index` must be <= num_inference_steps={self.num_inference_steps}, got {begin_index!r}."
+            )
+        self._begin_index = int(begin_index)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -222,17 +240,19 @@ class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
         if num_inference_steps is not None:
             if (
                 isinstance(num_inference_steps, bool)
-                or not isinstance(num_inference_steps, int)
+                or not isinstance(num_inference_steps, numbers.Integral)  # numpy integers too
                 or num_inference_steps < 1
             ):
                 raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}.")
-            nodes = self._grid(num_inference_steps)
+            nodes = self._grid(int(num_inference_steps))
         else:
             nodes = [float(v) for v in torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).tolist()]
             limit = self.teacher_sigma_max
-            if not nodes or any(b >= a for a, b in zip(nodes, nodes[1:])) or nodes[-1] <= 0 or nodes[0] > limit + 1e-9:
+            finite = all(math.isfinite(v) for v in nodes)
+            decreasing = all(b < a for a, b in zip(nodes, nodes[1:]))
+            if not nodes or not finite or not decreasing or nodes[-1] <= 0 or nodes[0] > limit + 1e-9:
                 raise ValueError(
-                    f"`sigmas` must be a non-empty, strictly decreasing sequence in (0, {limit:.6g}] "
+                    f"`sigmas` must be a non-empty, finite, strictly decreasing sequence in (0, {limit:.6g}] "
                     f"(the teacher's RF range), got {nodes}."
                 )
         gamma = self.config.gamma if gamma is None else gamma
