@@ -114,13 +114,56 @@ class DMD2Networks(nn.Module):
     context, because the recomputation uses whichever adapter is active then.
     """
 
-    def __init__(self, base_unet, generator_unet=None, fake_score_unet=None, gan_head: GANHead | None = None):
+    def __init__(
+        self,
+        base_unet,
+        generator_unet=None,
+        fake_score_unet=None,
+        gan_head: GANHead | None = None,
+        num_fake_score_steps: int = 0,
+    ):
         super().__init__()
         self.base_unet = base_unet
         self.generator_unet = generator_unet  # None -> LoRA adapter "generator" on the base
         self.fake_score_unet = fake_score_unet  # None -> LoRA adapter "fake_score" on the base
         self.gan_head = gan_head
         self._active: list[str] = []
+        self._sample_step: int | None = None
+        self.fake_score_step_embedding = None
+        if num_fake_score_steps > 0:
+            self._condition_fake_score_on_step(num_fake_score_steps)
+
+    def _condition_fake_score_on_step(self, num_steps: int) -> None:
+        """A zero-initialised embedding of the generator step that made the sample, added to the fake score's time
+        embedding (at the input of ``time_embedding.linear_1``, where diffusers adds ``cond_proj(timestep_cond)``).
+
+        With it the fake score models each step's output distribution p_k separately instead of their mixture, so
+        the DM gradient of step k is s_fake,k - s_real (written by hand: diffusers has no per-call extra time
+        embedding that a shared-base UNet could take for one role only). Zero-initialised: at start it is the
+        unconditioned fake score. Active only inside ``role("fake_score")`` with :meth:`sample_step` set.
+        """
+        linear = self.unet("fake_score").time_embedding.linear_1
+        self.fake_score_step_embedding = nn.Embedding(num_steps, linear.in_features)
+        nn.init.zeros_(self.fake_score_step_embedding.weight)
+
+        def add_step_embedding(module, args):
+            if self._sample_step is None or not self._active or self._active[-1] != "fake_score":
+                return None
+            embedding = self.fake_score_step_embedding.weight[self._sample_step]
+            return (args[0] + embedding.to(args[0].dtype),)
+
+        linear.register_forward_pre_hook(add_step_embedding)
+
+    @contextlib.contextmanager
+    def sample_step(self, step: int):
+        """Within the context the fake score is conditioned on generator step ``step`` (when it is step-conditioned)."""
+        if self.fake_score_step_embedding is not None and not 0 <= step < self.fake_score_step_embedding.num_embeddings:
+            raise ValueError(f"step must be in [0, {self.fake_score_step_embedding.num_embeddings - 1}], got {step}")
+        previous, self._sample_step = self._sample_step, step
+        try:
+            yield
+        finally:
+            self._sample_step = previous
 
     @property
     def generator_is_lora(self) -> bool:
@@ -179,7 +222,9 @@ class DMD2Networks(nn.Module):
             params = [p for n, p in self.base_unet.named_parameters() if f".{FAKE_SCORE_ADAPTER}." in n]
         else:
             params = list(self.fake_score_unet.parameters())
-        return params + (list(self.gan_head.parameters()) if self.gan_head is not None else [])
+        for extra in (self.fake_score_step_embedding, self.gan_head):
+            params += list(extra.parameters()) if extra is not None else []
+        return params
 
     def forward(self, compute, *args, **kwargs):
         """Run ``compute(*args, **kwargs)`` (which calls the roles) as this module's forward.
@@ -219,10 +264,12 @@ def build_dmd2_networks(
     fake_lora_alpha: float | None = None,
     lora_target_modules=DEFAULT_LORA_TARGET_MODULES,
     gan_feature_size: int | None = None,
+    num_fake_score_steps: int = 0,
 ) -> DMD2Networks:
     """Build the DMD2 networks around a (teacher-initialised) ``base_unet``; the base is frozen.
 
     ``gan_feature_size`` = spatial size of the mid-block output (latent size / 2**(levels-1)); None -> no GAN head.
+    ``num_fake_score_steps`` > 0 conditions the fake score on the generator step (see ``DMD2Networks``).
     """
     for name, value in (("student_type", student_type), ("fake_score_type", fake_score_type)):
         if value not in LAYOUTS:
@@ -242,7 +289,7 @@ def build_dmd2_networks(
     head = None
     if gan_feature_size is not None:
         head = GANHead(base_unet.config.block_out_channels[-1], gan_feature_size)
-    return DMD2Networks(base_unet, generator_unet, fake_score_unet, head)
+    return DMD2Networks(base_unet, generator_unet, fake_score_unet, head, num_fake_score_steps)
 
 
 def generator_input(

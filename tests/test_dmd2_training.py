@@ -1,5 +1,6 @@
 """DMD2 training end to end on the tiny SD 1.5 / SDXL pipelines (library, CLI and `accelerate launch`)."""
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -286,6 +287,53 @@ def test_shared_base_lora_roles(sd15_pipeline):
         generator_input(nets, schedule, x, cond, [999], 1)
 
 
+@pytest.mark.parametrize("fake_score_type", ["lora", "full"])
+def test_step_conditioned_fake_score(sd15_pipeline, fake_score_type):
+    """The fake score's step embedding starts at zero, acts only in the fake-score role with a step set (never on
+    the generator or the real score of a shared base), and selects one learned offset per generator step."""
+    import copy
+
+    from diffusers_distill.students import build_dmd2_networks
+    from diffusers_distill.teacher import PromptEncoder, unet_output
+
+    unet = copy.deepcopy(sd15_pipeline.unet)
+    x, t = torch.randn(2, 4, 32, 32), torch.tensor([999, 400])
+    cond = PromptEncoder(sd15_pipeline, resolution=64)(["a cat", "a dog"])
+    nets = build_dmd2_networks(
+        unet,
+        fake_score_type=fake_score_type,
+        lora_rank=4,
+        fake_lora_rank=4,
+        lora_target_modules=["to_q"],
+        num_fake_score_steps=4,
+    )
+
+    def output(role, step=None):
+        context = nets.sample_step(step) if step is not None else contextlib.nullcontext()
+        with torch.no_grad(), context, nets.role(role) as role_unet:
+            return unet_output(role_unet, x, t, cond)
+
+    unconditioned = output("fake_score")
+    torch.testing.assert_close(output("fake_score", 2), unconditioned)  # zero-initialised
+    embedding = nets.fake_score_step_embedding.weight
+    assert any(p is embedding for p in nets.parameters_of("fake_score"))
+    assert not any(p is embedding for p in nets.parameters_of("generator"))
+    with torch.no_grad():
+        embedding.copy_(torch.randn_like(embedding))
+    real, generator = output("real_score"), output("generator")
+    outputs = [output("fake_score", k) for k in range(4)]
+    assert all(not torch.allclose(a, b) for i, a in enumerate(outputs) for b in outputs[i + 1 :])
+    torch.testing.assert_close(output("fake_score"), unconditioned)  # no step set: unconditioned
+    with nets.sample_step(1):
+        torch.testing.assert_close(output("real_score"), real)
+        torch.testing.assert_close(output("generator"), generator)
+        with nets.role("fake_score"):  # roles nest: the real score inside the fake score's context stays plain
+            torch.testing.assert_close(output("real_score"), real)
+    with pytest.raises(ValueError, match=r"step must be in \[0, 3\], got 4"):
+        with nets.sample_step(4):
+            pass
+
+
 # ---------------------------------------------------------------------- step functions, one at a time
 @pytest.fixture
 def dmd2_parts(sd15_pipeline):
@@ -310,7 +358,7 @@ def test_generator_step_updates_only_the_generator(dmd2_parts):
     config, accelerator, parts, _ = dmd2_parts
     data = TrainingData(["a cat", "a dog"])
     rng = torch.Generator().manual_seed(0)
-    x0, cond = dmd2_module.generator_forward(parts, config, accelerator, data, rng, rng, with_grad=True)
+    x0, cond, _ = dmd2_module.generator_forward(parts, config, accelerator, data, rng, rng, with_grad=True)
     assert x0.shape == (2, 4, 32, 32) and x0.requires_grad
     logs = dmd2_module.generator_step(parts, config, accelerator, x0, cond, rng)
     assert set(logs) == {"loss_dm"} and math.isfinite(logs["loss_dm"].item())
@@ -375,6 +423,7 @@ def test_resume_gives_identical_losses(sd15_pipeline_dir, data_dir, tmp_path, ca
         num_inference_steps=4,
         generator_gan_loss_weight=5e-3,
         fake_score_gan_loss_weight=1e-2,
+        fake_score_step_conditioning=True,  # its embedding must be checkpointed too
         checkpointing_steps=3,
         max_train_steps=6,
     )

@@ -92,9 +92,10 @@ def _distributed(parts: DMD2Parts):
 
 # ---------------------------------------------------------------------- step functions
 def generator_forward(parts: DMD2Parts, config: DMD2Config, accelerator, data, rng, shared_rng, with_grad: bool):
-    """Sample prompts and the generator's input (DMD2 Sec. 4.4) and run the generator: ``(x0, prompt embeddings)``.
+    """Sample prompts and the generator's input (DMD2 Sec. 4.4) and run the generator: ``(x0, prompt embeddings,
+    step index k)``.
 
-    ``shared_rng`` (identical on all processes) picks which of the N steps is trained this iteration.
+    ``shared_rng`` (identical on all processes) picks which of the N steps (k) is trained this iteration.
     """
     batch, device, steps = parts.latent_shape[0], parts.device, parts.timesteps
     cond = parts.embed(data.sample_prompts(batch, rng))
@@ -112,7 +113,7 @@ def generator_forward(parts: DMD2Parts, config: DMD2Config, accelerator, data, r
         with accelerator.autocast(), torch.set_grad_enabled(with_grad), parts.networks.role("generator") as generator:
             return predict_x0(generator, parts.schedule, x_in, t_in, cond)
 
-    return _distributed(parts)(run_generator), cond
+    return _distributed(parts)(run_generator), cond, k
 
 
 def _checkpointing_disabled(unet):
@@ -213,6 +214,7 @@ def build_parts(config: DMD2Config, accelerator, pipe, resolution: int) -> DMD2P
         config.fake_lora_alpha,
         config.lora_target_modules or DEFAULT_LORA_TARGET_MODULES,
         gan_feature_size=feature_size if config.uses_gan else None,
+        num_fake_score_steps=len(config.timesteps()) if config.fake_score_step_conditioning else 0,
     )
     core.cast_if_needed(networks.base_unet, core.weight_dtype(accelerator))  # frozen weights in the compute dtype ...
     cast_training_params(networks.base_unet, dtype=torch.float32)  # ... trainable adapters in fp32
@@ -232,6 +234,12 @@ def build_parts(config: DMD2Config, accelerator, pipe, resolution: int) -> DMD2P
         latent_shape=(config.train_batch_size, unet.config.in_channels, latent_size, latent_size),
         device=accelerator.device,
     )
+
+
+def _extra_fake_score_modules(networks: DMD2Networks):
+    """The fake score's modules outside any UNet (checkpoint file name, module)."""
+    modules = (("gan_head", networks.gan_head), ("fake_score_step_embedding", networks.fake_score_step_embedding))
+    return [(name, module) for name, module in modules if module is not None]
 
 
 def register_checkpoint_hooks(accelerator, networks: DMD2Networks, pipeline_class, ema=None) -> None:
@@ -254,9 +262,9 @@ def register_checkpoint_hooks(accelerator, networks: DMD2Networks, pipeline_clas
                 save_lora_adapter(os.path.join(output_dir, f"{role}_lora"), networks.base_unet, adapter, pipeline_class)
             else:
                 networks.unet(role).save_pretrained(os.path.join(output_dir, role))
-        if networks.gan_head is not None:
-            state = {k: v.contiguous() for k, v in networks.gan_head.state_dict().items()}
-            save_file(state, os.path.join(output_dir, "gan_head.safetensors"))
+        for name, module in _extra_fake_score_modules(networks):
+            state = {k: v.contiguous() for k, v in module.state_dict().items()}
+            save_file(state, os.path.join(output_dir, f"{name}.safetensors"))
         if ema is not None:
             core.save_ema_state(ema, os.path.join(output_dir, "ema_generator.safetensors"))
 
@@ -268,8 +276,8 @@ def register_checkpoint_hooks(accelerator, networks: DMD2Networks, pipeline_clas
             else:
                 loaded = UNet2DConditionModel.from_pretrained(os.path.join(input_dir, role))
                 networks.unet(role).load_state_dict(loaded.state_dict())
-        if networks.gan_head is not None:
-            networks.gan_head.load_state_dict(load_file(os.path.join(input_dir, "gan_head.safetensors")))
+        for name, module in _extra_fake_score_modules(networks):
+            module.load_state_dict(load_file(os.path.join(input_dir, f"{name}.safetensors")))
         if ema is not None:
             core.load_ema_state(ema, os.path.join(input_dir, "ema_generator.safetensors"))
 
@@ -333,9 +341,10 @@ def train_step(step: int, parts: DMD2Parts, config: DMD2Config, accelerator, dat
         with accelerator.accumulate(*([] if parts.prepared is None else [parts.prepared])):
             rng = core.step_generator(config.seed, step, accelerator.process_index, micro_batch)
             shared_rng = core.step_generator(config.seed, step, None, micro_batch)
-            x0, cond = generator_forward(parts, config, accelerator, data, rng, shared_rng, generator_turn)
-            logs = generator_step(parts, config, accelerator, x0, cond, rng) if generator_turn else {}
-            logs.update(fake_score_step(parts, config, accelerator, data, x0, cond, rng))
+            x0, cond, k = generator_forward(parts, config, accelerator, data, rng, shared_rng, generator_turn)
+            with parts.networks.sample_step(k):  # the fake score's step condition, when it has one
+                logs = generator_step(parts, config, accelerator, x0, cond, rng) if generator_turn else {}
+                logs.update(fake_score_step(parts, config, accelerator, data, x0, cond, rng))
         for name, value in logs.items():
             totals[name] = totals.get(name, 0.0) + value.float() / config.gradient_accumulation_steps
     generator_params = parts.networks.parameters_of("generator")

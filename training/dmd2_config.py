@@ -38,6 +38,9 @@ class DMD2Config(TrainingConfig):
     fake_lora_rank: int = option(64, "LoRA rank of the fake score.")
     fake_lora_alpha: float | None = option(None, "LoRA alpha of the fake score (None: equal to its rank).")
     fake_score_learning_rate: float | None = option(None, "Learning rate of the fake score (None: --learning_rate).")
+    fake_score_step_conditioning: bool = option(
+        False, "N-step: condition the fake score on the generator step that made the sample (one p_k per step)."
+    )
     # ---- DMD2 losses
     real_guidance_scale: float = option(1.75, "CFG scale of the real score in the distribution-matching loss.")
     unconditional: str = option("auto", "Unconditional embedding of CFG: empty prompt, zeros, or auto (SD1.5/SDXL).")
