@@ -370,6 +370,25 @@ def test_generator_step_updates_only_the_generator(dmd2_parts):
     assert all(p.grad is not None for p in fake) and any(p.grad.abs().sum() > 0 for p in fake)
 
 
+@pytest.mark.parametrize("below_input,k,highest", [(False, 2, 980), (True, 0, 980), (True, 2, 499), (True, 3, 249)])
+def test_dm_timesteps_below_the_step_input(dmd2_parts, monkeypatch, below_input, k, highest):
+    """--dm_timesteps_below_input: the DM loss of step k noises its sample at most to the step's own t_k."""
+    config, accelerator, parts, _ = dmd2_parts
+    config = dataclasses.replace(config, dm_timesteps_below_input=below_input)
+    parts.timesteps = [999, 749, 499, 249]
+    drawn = []
+    original = dmd2_module.randint
+
+    def recording_randint(low, high, *args):
+        drawn.append((low, high))
+        return original(low, high, *args)
+
+    monkeypatch.setattr(dmd2_module, "randint", recording_randint)
+    x0 = torch.randn(2, 4, 32, 32, requires_grad=True)
+    dmd2_module.generator_step(parts, config, accelerator, x0, parts.embed(["a", "b"]), torch.Generator(), k)
+    assert drawn[0] == (20, highest + 1)
+
+
 def test_fake_score_step_regresses_the_denoising_target(dmd2_parts):
     """With the fake score's output replaced by the exact target, the loss is 0; with zeros it is E[target^2]."""
     from diffusers_distill.training.data import TrainingData

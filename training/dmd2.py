@@ -134,12 +134,14 @@ def _checkpointing_disabled(unet):
     return context()
 
 
-def generator_step(parts: DMD2Parts, config: DMD2Config, accelerator, x0, cond, rng) -> dict:
-    """Generator loss on ``x0`` (with graph): distribution matching (DMD2 eq. 2) + optional GAN term; backward
-    into the generator's parameters only. Returns the detached losses."""
+def generator_step(parts: DMD2Parts, config: DMD2Config, accelerator, x0, cond, rng, k: int = 0) -> dict:
+    """Generator loss on ``x0`` (made by step ``k``, with graph): distribution matching (DMD2 eq. 2) + optional GAN
+    term; backward into the generator's parameters only. Returns the detached losses."""
     nets, schedule, device, batch = parts.networks, parts.schedule, parts.device, x0.shape[0]
     min_step = int(config.min_step_percent * schedule.num_train_timesteps)
     max_step = int(config.max_step_percent * schedule.num_train_timesteps)
+    if config.dm_timesteps_below_input:
+        max_step = max(min_step, min(max_step, parts.timesteps[k]))
     t_dm = randint(min_step, max_step + 1, batch, rng, device)
     x_t = schedule.add_noise(x0.detach(), randn(x0.shape, rng, device), t_dm)
     with torch.no_grad(), accelerator.autocast():
@@ -343,7 +345,7 @@ def train_step(step: int, parts: DMD2Parts, config: DMD2Config, accelerator, dat
             shared_rng = core.step_generator(config.seed, step, None, micro_batch)
             x0, cond, k = generator_forward(parts, config, accelerator, data, rng, shared_rng, generator_turn)
             with parts.networks.sample_step(k):  # the fake score's step condition, when it has one
-                logs = generator_step(parts, config, accelerator, x0, cond, rng) if generator_turn else {}
+                logs = generator_step(parts, config, accelerator, x0, cond, rng, k) if generator_turn else {}
                 logs.update(fake_score_step(parts, config, accelerator, data, x0, cond, rng))
         for name, value in logs.items():
             totals[name] = totals.get(name, 0.0) + value.float() / config.gradient_accumulation_steps

@@ -47,6 +47,9 @@ class DMD2Config(TrainingConfig):
     dfake_gen_update_ratio: int = option(10, "Fake-score updates per generator update (two time-scale rule).")
     min_step_percent: float = option(0.02, "Lowest DM-loss timestep, as a fraction of the training timesteps.")
     max_step_percent: float = option(0.98, "Highest DM-loss timestep, as a fraction of the training timesteps.")
+    dm_timesteps_below_input: bool = option(
+        False, "N-step: the DM loss of step k noises its sample only up to the step's own input timestep t_k."
+    )
     dm_loss_weight: float = option(1.0, "Weight of the distribution-matching loss.")
     generator_gan_loss_weight: float = option(0.0, "Weight of the generator's GAN loss (needs real images).")
     fake_score_gan_loss_weight: float = option(0.0, "Weight of the discriminator loss of the fake score's GAN head.")
