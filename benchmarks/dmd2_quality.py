@@ -60,7 +60,19 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ema_decay", type=float, default=0.999, help="generator EMA decay; 0 = no EMA")
     parser.add_argument("--gan_loss_weight", type=float, default=0.0, help="> 0: GAN losses on the real digits")
-    parser.add_argument("--sequential", action="store_true", help="train the two students one after the other")
+    parser.add_argument(
+        "--dm_timesteps_below_input",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="N-step students: the DM loss of step k noises only up to t_k",
+    )
+    parser.add_argument(
+        "--fake_score_step_conditioning",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="N-step students: the fake score is conditioned on the generator step",
+    )
+    parser.add_argument("--sequential", action="store_true", help="train the students one after the other")
     parser.add_argument("--output_dir", default="outputs/benchmarks/dmd2_quality")
     args = parser.parse_args(argv)
     if args.max_train_steps < 1:
@@ -92,6 +104,8 @@ def main(argv=None):
             gan_loss_weight=args.gan_loss_weight,
             use_ema=args.ema_decay > 0,
             ema_decay=args.ema_decay,
+            dm_timesteps_below_input=args.dm_timesteps_below_input and n > 1,
+            fake_score_step_conditioning=args.fake_score_step_conditioning and n > 1,
         )
         for n in args.student_steps
     ]
@@ -129,7 +143,10 @@ def main(argv=None):
             )
             m["psnr"] = image_psnr(m["images"], reference)
             rows.append(result_row(f"DMD2 {len(timesteps)}-step student, after step {k} (t={timesteps[:k]})", m))
-        rows.append(result_row(f"DMD2 {args.student_type} student", result["student"], result["train_seconds"]))
+        cpu_seconds = result["train_cpu_seconds"]
+        rows.append(
+            result_row(f"DMD2 {args.student_type} student", result["student"], result["train_seconds"], cpu_seconds)
+        )
     reference_fd = rows[0]["digits_fd"]
     table = results_markdown(rows, reference_fd)
     ema = f"EMA {args.ema_decay:g}" if args.ema_decay > 0 else "no EMA"
@@ -137,7 +154,9 @@ def main(argv=None):
         f"DMD2 on the bundled SD 1.5 digits teacher: {args.max_train_steps} iterations, batch "
         f"{args.train_batch_size}, lr {args.learning_rate:g} (fake score {args.fake_score_learning_rate:g}), "
         f"TTUR {args.dfake_gen_update_ratio}, real CFG {args.guidance:g}, GAN weight {args.gan_loss_weight:g}, "
-        f"{ema}; {10 * args.n_per_digit} images (seed {args.seed}); CPU, 1 thread per training."
+        f"{ema}; N-step: DM timesteps below the step input {args.dm_timesteps_below_input}, step-conditioned "
+        f"fake score {args.fake_score_step_conditioning}; {10 * args.n_per_digit} images (seed {args.seed}); CPU, "
+        "1 thread per training."
     )
     print(header + "\n\n" + table, end="")
     atomic_write_text(os.path.join(args.output_dir, "dmd2_quality.md"), header + "\n\n" + table)

@@ -95,8 +95,10 @@ def _check_args(num_student_steps, max_train_steps, student_type, real_guidance_
         raise ValueError(f"n_per_digit must be an integer >= 2 (digits-FD needs a covariance), got {n_per_digit!r}")
 
 
-def result_row(name: str, metrics: dict, train_seconds: float | None = None) -> dict:
-    """One row of :func:`results_markdown` from :func:`evaluate_pipeline`-style metrics."""
+def result_row(
+    name: str, metrics: dict, train_seconds: float | None = None, train_cpu_seconds: float | None = None
+) -> dict:
+    """One row of :func:`results_markdown` from :func:`evaluate_pipeline`-style metrics (training wall/CPU time)."""
     return {
         "model": name,
         "steps": metrics["steps"],
@@ -104,6 +106,7 @@ def result_row(name: str, metrics: dict, train_seconds: float | None = None) -> 
         "digits_fd": metrics["digits_fd"],
         "psnr": metrics.get("psnr"),
         "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu_seconds,
     }
 
 
@@ -116,6 +119,8 @@ def results_markdown(rows: list[dict], reference_fd: float) -> str:
     for r in rows:
         psnr = "-" if r["psnr"] is None else f"{r['psnr']:.1f}"
         train = "-" if r["train_seconds"] is None else f"{r['train_seconds'] / 60:.1f} min"
+        if r.get("train_cpu_seconds") is not None:
+            train += f" ({r['train_cpu_seconds'] / 60:.1f} CPU-min)"
         lines.append(
             f"| {r['model']} | {r['steps']} | {r['prompt_accuracy']:.3f} | {r['digits_fd']:.2f} | "
             f"{r['digits_fd'] / reference_fd:.2f}x | {psnr} | {train} |"
@@ -177,7 +182,7 @@ def _write_training_data(output_dir: str, with_images: bool) -> tuple[str, str |
     return prompt_file, write_digit_images(os.path.join(data_dir, "images")) if with_images else None
 
 
-def _training_summary(result: dict, options: dict, train_seconds: float) -> dict:
+def _training_summary(result: dict, options: dict, train_seconds: float, train_cpu_seconds: float) -> dict:
     last = result["losses"][-1] if result["losses"] else {}
     dm_losses = [r["loss_dm"] for r in result["losses"] if "loss_dm" in r]
     return {
@@ -185,6 +190,7 @@ def _training_summary(result: dict, options: dict, train_seconds: float) -> dict
         "student_type": options["student_type"],
         "global_step": result["global_step"],
         "train_seconds": round(train_seconds, 1),
+        "train_cpu_seconds": round(train_cpu_seconds, 1),  # this process's CPU time (all its threads)
         "final_losses": {"loss_fake": last.get("loss_fake"), "loss_dm": dm_losses[-1] if dm_losses else None},
         "config": {k: v for k, v in options.items() if k not in ("pretrained_teacher_model", "output_dir")},
     }
@@ -218,8 +224,8 @@ def distill_digits_teacher(
     ``max_train_steps`` counts fake-score updates (the generator's come every ``dfake_gen_update_ratio``);
     ``gan_loss_weight > 0`` adds both GAN losses with the train-split digits as real images (DMD2 Sec. 4.3);
     ``config_overrides`` are any other :class:`DMD2Config` fields. The student is compared with the teacher at
-    ``real_guidance_scale``. Returns ``{"student", "teacher", "train_seconds", "global_step", "final_losses",
-    "config"}``, also written to ``metrics.json``.
+    ``real_guidance_scale``. Returns ``{"student", "teacher", "train_seconds", "train_cpu_seconds", "global_step",
+    "final_losses", "config"}``, also written to ``metrics.json``.
     """
     from diffusers_distill.digits import IMAGE_SIZE, digits_teacher_path
     from diffusers_distill.training.dmd2 import DMD2Config, train_dmd2
@@ -258,9 +264,9 @@ def distill_digits_teacher(
     config = DMD2Config.from_dict(options, "distill_digits_teacher arguments")
     config.validate()  # bad overrides fail before the teacher is loaded
 
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     result = train_dmd2(config)
-    summary = _training_summary(result, options, time.perf_counter() - start)
+    summary = _training_summary(result, options, time.perf_counter() - start, time.process_time() - start_cpu)
     if evaluate:
         grid = os.path.join(output_dir, "samples.png")
         args = (real_guidance_scale, n_per_digit, seed, teacher_path)
