@@ -226,16 +226,6 @@ class DMD2Networks(nn.Module):
             params += list(extra.parameters()) if extra is not None else []
         return params
 
-    def forward(self, compute, *args, **kwargs):
-        """Run ``compute(*args, **kwargs)`` (which calls the roles) as this module's forward.
-
-        The networks have no single forward: a training phase calls several roles. Distributed engines hook into
-        ``forward``, so the trainer wraps each phase's computation in a call of the ``accelerator.prepare``d
-        module: ``prepared(generator_loss, ...)``. With DDP that marks exactly the parameters the phase's outputs
-        depend on as used (see ``docs/dmd2.md``, "Distributed training").
-        """
-        return compute(*args, **kwargs)
-
     def gan_logits(self, x_t, timesteps, embeddings: PromptEmbeddings) -> torch.Tensor:
         """GAN logits: the fake score run up to its mid block on noised inputs, then the head."""
         with self.role("fake_score") as unet, mid_block_features(unet) as capture:

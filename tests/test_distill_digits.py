@@ -5,6 +5,7 @@ import math
 import os
 
 import pytest
+import torch
 
 from diffusers_distill.training.distill_digits import distill_digits_teacher
 
@@ -60,3 +61,30 @@ def test_demo_distill_stage_writes_a_loadable_student_and_its_table(tmp_path):
     assert type(student) is StableDiffusionPipeline and type(student.scheduler).__name__ == "LCMScheduler"
     image = student("a handwritten digit seven", num_inference_steps=1, guidance_scale=0.0, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
+
+
+def test_step_routing_answers_the_routed_timesteps_with_the_teacher_cfg(sd15_pipeline):
+    """benchmarks/dmd2_step_routing.py: routed timesteps get the teacher's CFG output, the others the student's,
+    and the student's forward is restored afterwards."""
+    import copy
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    spec = importlib.util.spec_from_file_location("dmd2_step_routing", os.path.join(path, "dmd2_step_routing.py"))
+    routing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(routing)
+    teacher = sd15_pipeline.unet
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, cond, uncond = torch.randn(2, 4, 32, 32), torch.randn(2, 77, 32), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        own = student(x, torch.tensor(749), cond, return_dict=False)[0]
+        eps_u = teacher(x, torch.tensor(249), uncond.expand(2, -1, -1), return_dict=False)[0]
+        eps_c = teacher(x, torch.tensor(249), cond, return_dict=False)[0]
+        restore = routing.route_to_teacher(student, teacher, uncond, 1.5, {249})
+        torch.testing.assert_close(student(x, torch.tensor(249), cond)[0], eps_u + 1.5 * (eps_c - eps_u))
+        torch.testing.assert_close(student(x, torch.tensor(749), cond, return_dict=False)[0], own)
+        restore()
+        assert not torch.allclose(student(x, torch.tensor(249), cond, return_dict=False)[0], eps_c)

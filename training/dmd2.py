@@ -73,11 +73,11 @@ class DMD2Parts:
     timesteps: list[int]
     latent_shape: tuple[int, ...]
     device: torch.device
-    prepared: torch.nn.Module | None = None  # ``accelerator.prepare(networks)`` (the DDP/FSDP wrapper), once made
+    prepared: torch.nn.Module | None = None  # ``accelerator.prepare(core.TrainingPhase(networks))``, once made
 
 
 def _distributed(parts: DMD2Parts):
-    """The module whose forward runs a training phase: the DDP/FSDP wrapper of the networks when prepared.
+    """The module whose forward runs a training phase: ``core.TrainingPhase(networks)``, DDP-wrapped when prepared.
 
     DDP design (docs/dmd2.md, "Distributed training"): the generator phase and the fake-score phase each make ONE
     call of the prepared module, whose outputs depend on exactly the parameters that phase trains: the generator's
@@ -87,7 +87,7 @@ def _distributed(parts: DMD2Parts):
     and all-reduces the phase's own. Wrapping the UNet per role is impossible in the shared-base LoRA layout (both
     adapters live in one module), and ``static_graph`` cannot hold since the used parameters alternate by phase.
     """
-    return parts.networks if parts.prepared is None else parts.prepared
+    return core.TrainingPhase(parts.networks) if parts.prepared is None else parts.prepared
 
 
 # ---------------------------------------------------------------------- step functions
@@ -398,7 +398,7 @@ def train_dmd2(config: DMD2Config) -> dict:
     pipe = core.load_teacher_pipeline(config, accelerator.device, core.weight_dtype(accelerator))
     data.resolution = resolution = core.teacher_resolution(pipe, config.resolution)
     parts = build_parts(config, accelerator, pipe, resolution)
-    parts.prepared = accelerator.prepare(parts.networks)  # DDP wrapper with several processes (see _distributed)
+    parts.prepared = accelerator.prepare(core.TrainingPhase(parts.networks))  # DDP with several processes
     # 5. Optimizers and learning-rate schedules.
     total_steps = core.num_training_steps(config, len(data.prompts), accelerator.num_processes)
     optimizers, schedulers = make_optimizers(config, parts, accelerator, total_steps)
