@@ -300,15 +300,24 @@ def _check_generation_args(steps, guidance, n_per_digit):
 
 def _sample(pipe, prompts, steps, guidance, latents, seed, timesteps=None, **kwargs):
     """One pipeline call; ``generator`` seeds every random draw inside it (e.g. the noise that multi-step LCM /
-    DDPM-type schedulers re-inject), so the same seed always gives the same images."""
+    DDPM-type schedulers re-inject), so the same seed always gives the same images. Pipelines without a
+    ``guidance_scale`` argument (flow-map students: CFG is distilled in) are sampled only at guidance 0."""
+    import inspect
+
     call = dict(
         num_inference_steps=steps,
-        guidance_scale=guidance,
         latents=latents,
         generator=torch.Generator().manual_seed(seed),
         output_type="pt",
         **kwargs,
     )
+    if "guidance_scale" in inspect.signature(pipe.__call__).parameters:
+        call["guidance_scale"] = guidance
+    elif guidance != 0:
+        raise ValueError(
+            f"guidance must be 0 for {type(pipe).__name__}: it takes no guidance_scale (CFG is distilled into the "
+            f"student), got {guidance!r}"
+        )
     if timesteps is not None:
         call["timesteps"] = list(timesteps)
     with torch.no_grad():
@@ -389,9 +398,30 @@ def _read_dmd2_student_config(path: str) -> StudentSampling:
     )
 
 
-# file name in a student folder -> reader returning StudentSampling. DMD2 students (diffusers_distill.export) write
-# student_config.json; another student format (e.g. a flow-map student) registers its own file here.
-STUDENT_CONFIG_READERS = {"student_config.json": _read_dmd2_student_config}
+FLOW_MAP_PIPELINES = ("FlowMapStableDiffusionPipeline", "FlowMapStableDiffusionXLPipeline")
+
+
+def _flow_map_sampling(default_steps: int, config_file: str) -> StudentSampling:
+    # the scheduler places the steps itself (no fixed timesteps); CFG is distilled in
+    return StudentSampling("flow_map", int(default_steps), None, 0.0, config_file)
+
+
+def _read_flow_map_pipeline_index(path: str) -> StudentSampling | None:
+    """A saved flow-map pipeline folder: its ``model_index.json`` names the pipeline class and the default steps."""
+    with open(path, encoding="utf-8") as f:
+        index = json.load(f)
+    if index.get("_class_name") not in FLOW_MAP_PIPELINES:
+        return None
+    return _flow_map_sampling(index["default_num_inference_steps"], path)
+
+
+# file name in a student folder -> reader returning StudentSampling, or None when the file is not that student's.
+# DMD2 students (diffusers_distill.export) write student_config.json; flow-map pipelines record their default step
+# count in model_index.json.
+STUDENT_CONFIG_READERS = {
+    "student_config.json": _read_dmd2_student_config,
+    "model_index.json": _read_flow_map_pipeline_index,
+}
 
 
 def _pipeline_folder(pipe_or_path) -> str | None:
@@ -406,7 +436,8 @@ def read_student_sampling(pipe_or_path) -> StudentSampling | None:
     """The sampling settings of a distilled student (a folder or a pipeline loaded from one); None for other models.
 
     Pipelines that carry a ``student_config`` attribute (the DMD2 pipelines, also for a LoRA student on a base
-    model) are read from it; otherwise the folder is searched for a file of :data:`STUDENT_CONFIG_READERS`.
+    model) are read from it, flow-map pipelines from their config (default steps, guidance 0); otherwise the folder
+    is searched for a file of :data:`STUDENT_CONFIG_READERS`.
     """
     config = getattr(pipe_or_path, "student_config", None)
     if config is not None:
@@ -417,12 +448,15 @@ def read_student_sampling(pipe_or_path) -> StudentSampling | None:
             guidance=float(config.guidance_scale),
             config_file="student_config.json",
         )
+    if type(pipe_or_path).__name__ in FLOW_MAP_PIPELINES:
+        return _flow_map_sampling(pipe_or_path.config.default_num_inference_steps, "model_index.json")
     folder = _pipeline_folder(pipe_or_path)
     if folder is None:
         return None
     for name, reader in STUDENT_CONFIG_READERS.items():
-        if os.path.isfile(os.path.join(folder, name)):
-            return reader(os.path.join(folder, name))
+        sampling = reader(os.path.join(folder, name)) if os.path.isfile(os.path.join(folder, name)) else None
+        if sampling is not None:
+            return sampling
     return None
 
 
@@ -444,7 +478,14 @@ def load_pipeline(pipe_or_path, base_model: str | None = None):
 
     path = os.fspath(pipe_or_path)
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "model_index.json")):
+        index = os.path.join(path, "model_index.json")
+        if os.path.isfile(index):
+            if _read_flow_map_pipeline_index(index) is not None:  # our class, which diffusers cannot resolve by name
+                from diffusers_distill.pipelines import pipeline_flow_map
+
+                with open(index, encoding="utf-8") as f:
+                    cls = getattr(pipeline_flow_map, json.load(f)["_class_name"])
+                return cls.from_pretrained(path, local_files_only=True)
             return DiffusionPipeline.from_pretrained(path, local_files_only=True)
         if os.path.isfile(os.path.join(path, "student_config.json")):
             from .export import StudentConfig

@@ -379,3 +379,30 @@ def test_cli_on_lora_student_loads_it_onto_its_base_model(dmd2_student_dirs, tmp
         evaluation.evaluate_pipeline(
             digits.digits_teacher_path("sd15"), scheduler="keep", steps=1, timesteps=[999], n_per_digit=2
         )
+
+
+def test_evaluate_pipeline_on_a_saved_flow_map_student(tmp_path):
+    """A flow-map pipeline folder is recognised as a student: its default steps, guidance 0 (CFG distilled in,
+    the pipeline takes no guidance_scale); a guidance > 0 is refused before sampling."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffusers_distill.digits import digits_teacher_path
+    from diffusers_distill.flow_map import build_flow_map_student, merge_flow_map_student
+    from diffusers_distill.pipelines.pipeline_flow_map import FlowMapStableDiffusionPipeline
+
+    teacher = StableDiffusionPipeline.from_pretrained(digits_teacher_path("sd15"), safety_checker=None)
+    student = merge_flow_map_student(build_flow_map_student(teacher.unet, "lora", jump_embedding_dim=8, lora_rank=4))
+    pipe = FlowMapStableDiffusionPipeline.from_teacher(teacher, student, default_num_inference_steps=2)
+    pipe.save_pretrained(tmp_path / "flow-map")
+    sampling = evaluation.read_student_sampling(str(tmp_path / "flow-map"))
+    assert (sampling.method, sampling.steps, sampling.timesteps, sampling.guidance) == ("flow_map", 2, None, 0.0)
+    assert evaluation.read_student_sampling(pipe) == evaluation.StudentSampling(
+        "flow_map", 2, None, 0.0, "model_index.json"
+    )
+    m = evaluation.evaluate_pipeline(str(tmp_path / "flow-map"), n_per_digit=2)
+    assert (m["student"], m["steps"], m["guidance"], m["n_images"]) == ("flow_map", 2, 0.0, 20)
+    images, _ = evaluation.generate_digits(pipe, steps=2, guidance=0.0, n_per_digit=2)
+    assert torch.equal(images, m["images"])
+    with pytest.raises(ValueError, match="guidance must be 0 for FlowMapStableDiffusionPipeline"):
+        evaluation.evaluate_pipeline(pipe, guidance=1.5, n_per_digit=2)
+    assert evaluation.read_student_sampling(digits_teacher_path("sd15")) is None  # a plain pipeline folder
