@@ -389,6 +389,19 @@ class TrainingPhase(torch.nn.Module):
         return compute(*args, **kwargs)
 
 
+def end_training(accelerator, parts) -> None:
+    """End a run: drop the prepared (DDP) wrapper of ``parts.prepared`` and accelerate's references to it, collect
+    them, then let accelerate end the run (trackers, process group).
+
+    The order matters: a DDP reducer freed only after the process group is destroyed can deadlock in gloo's
+    ProcessGroup destructor once the other rank has exited (seen with torch 2.13 in the 2-process tests), so the
+    wrapper is released while the group is alive. Written by hand: ``accelerator.end_training`` does not free models.
+    """
+    parts.prepared = None
+    accelerator.free_memory()  # clears accelerate's model/optimizer references and runs the garbage collector
+    accelerator.end_training()
+
+
 def train_loop(
     config: TrainingConfig,
     accelerator,

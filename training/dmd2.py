@@ -424,7 +424,7 @@ def train_dmd2(config: DMD2Config) -> dict:
             from diffusers_distill import hub
 
             hub.push_student_to_hub(config.output_dir, repo_id, token=config.hub_token)
-    accelerator.end_training()
+    core.end_training(accelerator, parts)
     return {
         "global_step": history[-1]["step"] if history else start_step,
         "losses": history,

@@ -493,7 +493,7 @@ def train_flow_map(config: FlowMapConfig) -> dict:
                 commit_message="Upload flow-map student",
                 write_card=False,
             )
-    accelerator.end_training()
+    core.end_training(accelerator, parts)
     return {
         "global_step": history[-1]["step"] if history else start_step,
         "losses": history,
