@@ -32,13 +32,13 @@ def _resolve_pipeline(value: str) -> str:
     """'sd15' / 'sdxl' -> the bundled teacher; a local folder must hold a pipeline or a saved student; anything
     else must look like a Hub id (loaded, from the cache only when offline, by the evaluation)."""
     from .digits import digits_teacher_path
-    from .evaluation import _looks_like_hub_id
+    from .evaluation import STUDENT_CONFIG_READERS, _looks_like_hub_id
 
     if value in ("sd15", "sdxl"):
         return digits_teacher_path(value)
     if os.path.isdir(value):
-        if not any(os.path.isfile(os.path.join(value, n)) for n in ("model_index.json", "student_config.json")):
-            raise ValueError(f"--pipeline folder {value!r} has no model_index.json (nor a student_config.json)")
+        if not any(os.path.isfile(os.path.join(value, n)) for n in STUDENT_CONFIG_READERS):  # model_index.json too
+            raise ValueError(f"--pipeline folder {value!r} has none of {', '.join(STUDENT_CONFIG_READERS)}")
         return value
     if not _looks_like_hub_id(value):
         raise ValueError(

@@ -415,12 +415,19 @@ def _read_flow_map_pipeline_index(path: str) -> StudentSampling | None:
     return _flow_map_sampling(index["default_num_inference_steps"], path)
 
 
+def _read_flow_map_lora_config(path: str) -> StudentSampling:
+    """A LoRA flow-map student folder (``save_flow_map_lora_student``): ``flow_map_config.json``."""
+    with open(path, encoding="utf-8") as f:
+        return _flow_map_sampling(json.load(f)["default_num_inference_steps"], path)
+
+
 # file name in a student folder -> reader returning StudentSampling, or None when the file is not that student's.
 # DMD2 students (diffusers_distill.export) write student_config.json; flow-map pipelines record their default step
-# count in model_index.json.
+# count in model_index.json, LoRA flow-map students in flow_map_config.json.
 STUDENT_CONFIG_READERS = {
     "student_config.json": _read_dmd2_student_config,
     "model_index.json": _read_flow_map_pipeline_index,
+    "flow_map_config.json": _read_flow_map_lora_config,
 }
 
 
@@ -467,8 +474,9 @@ class MetricUnavailableError(RuntimeError):
 def load_pipeline(pipe_or_path, base_model: str | None = None):
     """A pipeline object from a pipeline, a local folder, a saved student folder or a Hub id.
 
-    A LoRA student folder (``student_config.json`` + adapter weights, no ``model_index.json``) is loaded onto
-    ``base_model`` (default: the ``base_model`` its config records) with the DMD2 pipeline. A Hub id is loaded with
+    A LoRA student folder (no ``model_index.json``) is loaded onto ``base_model`` (default: the ``base_model`` its
+    config records): a DMD2 one (``student_config.json``) with the DMD2 pipeline, a flow-map one
+    (``flow_map_config.json``) with the flow-map pipeline of its architecture. A Hub id is loaded with
     ``DiffusionPipeline.from_pretrained``; when it is not cached and cannot be downloaded this raises
     :class:`MetricUnavailableError` with a one-line explanation.
     """
@@ -500,6 +508,20 @@ def load_pipeline(pipe_or_path, base_model: str | None = None):
             )
 
             cls = DMD2StableDiffusionXLPipeline if config.arch == "sdxl" else DMD2StableDiffusionPipeline
+            return _load_lora_student(cls, base, path)
+        if os.path.isfile(os.path.join(path, "flow_map_config.json")):
+            from diffusers_distill.pipelines.pipeline_flow_map import (
+                FlowMapStableDiffusionPipeline,
+                FlowMapStableDiffusionXLPipeline,
+            )
+
+            with open(os.path.join(path, "flow_map_config.json"), encoding="utf-8") as f:
+                config = json.load(f)
+            base = base_model or config.get("base_model")
+            if base is None:
+                raise ValueError(f"the LoRA flow-map student in {path!r} records no base_model; pass base_model")
+            sdxl = config.get("arch") == "sdxl"
+            cls = FlowMapStableDiffusionXLPipeline if sdxl else FlowMapStableDiffusionPipeline
             return _load_lora_student(cls, base, path)
         raise ValueError(f"pipeline path {path!r} is not a diffusers pipeline folder (no model_index.json)")
     if not _looks_like_hub_id(path):

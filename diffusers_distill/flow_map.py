@@ -384,7 +384,12 @@ FLOW_MAP_PATHWAY_NAME = "flow_map_pathway.safetensors"
 
 
 def save_flow_map_lora_student(
-    output_dir, student, pipeline_class, default_num_inference_steps: int = 4, **scheduler_config
+    output_dir,
+    student,
+    pipeline_class,
+    default_num_inference_steps: int = 4,
+    base_model: str | None = None,
+    **scheduler_config,
 ) -> str:
     """Save a LoRA flow-map student for ``FlowMap*Pipeline.from_pretrained(teacher, student=output_dir)``.
 
@@ -393,9 +398,12 @@ def save_flow_map_lora_student(
     * ``pytorch_lora_weights.safetensors``: the adapter (``pipeline_class.save_lora_weights``, peft key names) with
       its peft ``LoraConfig`` in the metadata, so ``load_lora_weights`` restores rank and alpha;
     * ``flow_map_pathway.safetensors``: the new ``time_embedding.cond_proj`` weight (the teacher has no such layer);
-    * ``flow_map_config.json``: ``time_cond_proj_dim``, the default step count and the scheduler settings
-      (``sigma_spacing``, ``shift``, ``gamma``, ... passed as ``scheduler_config``).
+    * ``flow_map_config.json``: ``time_cond_proj_dim``, the default step count, the scheduler settings
+      (``sigma_spacing``, ``shift``, ``gamma``, ... passed as ``scheduler_config``), the architecture (``"sd15"`` or
+      ``"sdxl"``, from ``pipeline_class``) and ``base_model`` (the teacher's Hub id or path, when given), which
+      :func:`diffusers_distill.evaluation.load_pipeline` loads the folder onto.
     """
+    import inspect
     import json
     import os
 
@@ -439,6 +447,8 @@ def save_flow_map_lora_student(
             "time_cond_proj_dim": int(student.config.time_cond_proj_dim),
             "default_num_inference_steps": default_num_inference_steps,
             "scheduler": scheduler_config,
+            "arch": "sdxl" if "text_encoder_2" in inspect.signature(pipeline_class.__init__).parameters else "sd15",
+            "base_model": None if base_model is None else os.fspath(base_model),
         }
         with open(os.path.join(staging, FLOW_MAP_CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)

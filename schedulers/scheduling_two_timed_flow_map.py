@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,7 @@ def _check_choice(name: str, value, allowed) -> None:
 
 
 def _check_range(name: str, value, low: float, high: float, low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)  # numpy too
     ok = ok and (value > low if low_open else value >= low) and value <= high
     if not ok:
         raise ValueError(f"`{name}` must be in {'(' if low_open else '['}{low}, {high}], got {value!r}.")
@@ -72,10 +73,15 @@ class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
       makes the initial latent exactly SD's x_T = eps in RF coordinates.
     * ``"flow_match"`` (SD3 / Flux): sigma_max = 1, ``timesteps`` = 1000 sigma, identity input scaling.
 
-    Grids (``sigma_spacing``), nodes sigma_0 = sigma_max > ... > sigma_{N-1} > sigma_N = 0 with u_i = 1 - i / N:
-    ``"uniform"`` sigma_i = sigma_max u_i; ``"shifted"`` sigma_i = sigma_max shift u_i / (1 + (shift - 1) u_i)
-    (SD3's time shift); ``"karras"`` sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
-    (Karras et al. 2022 Eq. 5 in RF sigma) for i < N. Custom grids: ``set_timesteps(sigmas=[...])``.
+    Grids (``sigma_spacing``), nodes sigma_0 = sigma_max > ... > sigma_{N-1} > sigma_N = 0 with u_i = 1 - i / N,
+    all nonzero nodes inside the teacher's range [sigma_min, sigma_max] for any N (so VP timesteps never repeat):
+    ``"uniform"`` sigma_i = sigma_min + (sigma_max - sigma_min) u_i; ``"shifted"`` the same with u_i replaced by
+    shift u_i / (1 + (shift - 1) u_i) (SD3's time shift); ``"karras"`` sigma_i = (sigma_max^(1/rho) + i/(N-1)
+    (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho (Karras et al. 2022 Eq. 5 in RF sigma) for i < N. Custom grids:
+    ``set_timesteps(sigmas=[...])``.
+
+    ``from_config`` of a flow-matching scheduler's config (SD3's ``FlowMatchEulerDiscreteScheduler``) gives
+    ``teacher_type="flow_match"``, with the shifted grid when its ``shift`` is not 1.
 
     Args:
         num_train_timesteps: training timesteps of the teacher (VP) / timestep scale (flow).
@@ -85,8 +91,8 @@ class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
             semantics), ``"v_prediction"`` (average v of a VP student) or ``"flow"`` (the average velocity u).
             ``None``: ``"epsilon"`` for VP teachers, ``"flow"`` for flow-matching ones.
         sigma_max: first node; ``None`` = the teacher's largest RF sigma (0.936 for SD, 1 for flow matching).
-        sigma_min: smallest nonzero node of the Karras grid; ``None`` = the VP teacher's smallest RF sigma, or
-            1 / num_train_timesteps for flow matching.
+        sigma_min: lower end of every grid (the Karras grid's last nonzero node); ``None`` = the VP teacher's
+            smallest RF sigma, or 1 / num_train_timesteps for flow matching.
         sigma_spacing: ``"uniform"``, ``"shifted"`` or ``"karras"``; shift (> 0) and karras_rho (> 0) as above.
         gamma: re-noising fraction in [0, 1] (0 = deterministic flow map, 1 = consistency multistep).
     """
@@ -115,7 +121,11 @@ class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
         karras_rho: float = 7.0,
         gamma: float = 0.0,
     ):
-        if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+        if (
+            isinstance(num_train_timesteps, bool)
+            or not isinstance(num_train_timesteps, numbers.Integral)
+            or num_train_timesteps < 2
+        ):
             raise ValueError(f"`num_train_timesteps` must be an int >= 2, got {num_train_timesteps!r}.")
         _check_choice("teacher_type", teacher_type, TEACHER_TYPES)
         _check_choice("sigma_spacing", sigma_spacing, SIGMA_SPACINGS)
@@ -150,12 +160,46 @@ class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
             _check_range("sigma_max", sigma_max, 0.0, self.teacher_sigma_max, low_open=True)
         if sigma_min is not None:
             _check_range("sigma_min", sigma_min, 0.0, self.sigma_max, low_open=True)
+        # numpy numbers (a config built from arrays) are stored as Python numbers, so the config saves as JSON
+        self.register_to_config(
+            num_train_timesteps=int(num_train_timesteps),
+            beta_start=float(beta_start),
+            beta_end=float(beta_end),
+            shift=float(shift),
+            karras_rho=float(karras_rho),
+            gamma=float(gamma),
+            sigma_max=None if sigma_max is None else float(sigma_max),
+            sigma_min=None if sigma_min is None else float(sigma_min),
+        )
         self.num_inference_steps = None
         self.timesteps = None
         self.sigmas = None
         self.jump_targets = None
         self._step_index = None
         self._begin_index = None
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' ``from_config``; a flow-matching scheduler's config without our keys (SD3's) selects
+        ``teacher_type="flow_match"`` and, when its ``shift`` is not 1, ``sigma_spacing="shifted"``: otherwise
+        the VP defaults would give SD 1.5's betas to a flow-matching model. Resolution-dependent shifting
+        (``use_dynamic_shifting``, Flux) is refused, since ``set_timesteps`` takes no ``mu``."""
+        flow_matching = isinstance(config, Mapping) and (
+            config.get("_class_name") in cls._flow_compatibles
+            or ("shift" in config and "beta_schedule" not in config)  # in memory, configs have no _class_name
+        )
+        if flow_matching:
+            if config.get("use_dynamic_shifting") and "teacher_type" not in config:
+                raise ValueError(
+                    f"{cls.__name__} does not support resolution-dependent shifting "
+                    "(`use_dynamic_shifting=True` in the scheduler config, as in Flux): pass a fixed `shift` and "
+                    "`sigma_spacing='shifted'` to the constructor instead."
+                )
+            if "teacher_type" not in config and "teacher_type" not in kwargs:
+                kwargs["teacher_type"] = "flow_match"
+                if config.get("shift", 1.0) != 1.0 and "sigma_spacing" not in config:
+                    kwargs.setdefault("sigma_spacing", "shifted")
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # ---------------------------------------------------------------- configuration-derived values
     @property
@@ -220,7 +264,8 @@ class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
         fractions = [1.0 - i / num_steps for i in range(num_steps)]
         if config.sigma_spacing == "shifted":
             fractions = [config.shift * u / (1.0 + (config.shift - 1.0) * u) for u in fractions]
-        return [top * u for u in fractions]
+        low = min(self.sigma_min, top)
+        return [low + (top - low) * u for u in fractions]
 
     def set_timesteps(
         self,

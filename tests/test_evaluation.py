@@ -1,6 +1,7 @@
 """The bundled digit classifier and the evaluation metrics (no teacher needed)."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -406,3 +407,41 @@ def test_evaluate_pipeline_on_a_saved_flow_map_student(tmp_path):
     with pytest.raises(ValueError, match="guidance must be 0 for FlowMapStableDiffusionPipeline"):
         evaluation.evaluate_pipeline(pipe, guidance=1.5, n_per_digit=2)
     assert evaluation.read_student_sampling(digits_teacher_path("sd15")) is None  # a plain pipeline folder
+
+
+def test_evaluate_pipeline_on_a_lora_flow_map_student_folder(tmp_path):
+    """A LoRA flow-map student folder (flow_map_config.json, no model_index.json) is loaded onto the base model it
+    records, with the flow-map pipeline, and sampled at its default steps without CFG: the same images as the
+    documented loading path. Without a recorded or given base model the error says what to pass."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffusers_distill.digits import digits_teacher_path
+    from diffusers_distill.flow_map import build_flow_map_student, save_flow_map_lora_student
+    from diffusers_distill.pipelines.pipeline_flow_map import FlowMapStableDiffusionPipeline
+
+    base = digits_teacher_path("sd15")
+    teacher = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+    student = build_flow_map_student(teacher.unet, "lora", jump_embedding_dim=8, lora_rank=4)
+    with torch.no_grad():  # a student that differs from the teacher
+        for name, p in student.named_parameters():
+            if "lora_B" in name or "cond_proj" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    folder = save_flow_map_lora_student(tmp_path / "lora", student, StableDiffusionPipeline, 3, base_model=base)
+    assert evaluation.read_student_sampling(folder) == evaluation.StudentSampling(
+        "flow_map", 3, None, 0.0, os.path.join(folder, "flow_map_config.json")
+    )
+    m = evaluation.evaluate_pipeline(folder, n_per_digit=1)
+    assert (m["student"], m["steps"], m["guidance"], m["n_images"]) == ("flow_map", 3, 0.0, 10)
+    pipe = FlowMapStableDiffusionPipeline.from_pretrained(base, student=folder, safety_checker=None)
+    images, _ = evaluation.generate_digits(pipe, steps=3, guidance=0.0, n_per_digit=1)
+    assert torch.equal(images, m["images"])
+    cli_metrics = _cli_metrics(["--pipeline", folder, "--n_per_digit", "1"], tmp_path / "cli")
+    assert (cli_metrics["student"], cli_metrics["steps"]) == ("flow_map", 3)
+    assert cli_metrics["digits_fd"] == pytest.approx(m["digits_fd"], rel=1e-9)
+    untrained = build_flow_map_student(StableDiffusionPipeline.from_pretrained(base).unet, "lora", 8, lora_rank=4)
+    no_base = save_flow_map_lora_student(tmp_path / "no-base", untrained, StableDiffusionPipeline, 3)
+    teacher_pipe = FlowMapStableDiffusionPipeline.from_pretrained(base, student=no_base, safety_checker=None)
+    teacher_images, _ = evaluation.generate_digits(teacher_pipe, steps=3, guidance=0.0, n_per_digit=1)
+    assert not torch.equal(teacher_images, images)  # the adapter and pathway were applied
+    with pytest.raises(ValueError, match="records no base_model; pass base_model"):
+        evaluation.load_pipeline(no_base)

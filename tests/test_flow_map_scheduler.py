@@ -36,7 +36,13 @@ def test_grid_formulas():
     scheduler = TwoTimedFlowMapScheduler(teacher_type="flow_match", sigma_spacing="shifted", shift=3.0)
     scheduler.set_timesteps(4)
     u = torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64)
-    torch.testing.assert_close(scheduler.sigmas[:-1].double(), 3 * u / (1 + 2 * u), rtol=1e-6, atol=1e-7)
+    low = 1e-3  # flow matching's sigma_min = 1 / num_train_timesteps: the grid spans [sigma_min, 1]
+    expected = low + (1 - low) * 3 * u / (1 + 2 * u)
+    torch.testing.assert_close(scheduler.sigmas[:-1].double(), expected, rtol=1e-6, atol=1e-7)
+    vp = TwoTimedFlowMapScheduler()
+    vp.set_timesteps(4)
+    low, high = vp.sigma_min, vp.sigma_max
+    torch.testing.assert_close(vp.sigmas[:-1].double(), low + (high - low) * u, rtol=1e-6, atol=1e-7)
     karras = TwoTimedFlowMapScheduler(sigma_spacing="karras", karras_rho=7.0)
     karras.set_timesteps(3)
     low, high = karras.sigma_min, karras.sigma_max
@@ -249,3 +255,72 @@ def test_step_keeps_dtype_and_predicts_x0_exactly_on_the_last_step(prediction_ty
     scheduler.set_timesteps(2)
     half = scheduler.step(torch.zeros(1, 4, dtype=torch.float16), scheduler.timesteps[0], torch.ones(1, 4).half())
     assert half.prev_sample.dtype == torch.float16
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "shifted", "karras"])
+@pytest.mark.parametrize("num_steps", [36, 100, 999])
+def test_long_vp_grids_stay_in_the_teachers_range(spacing, num_steps):
+    """Nodes below SD's smallest RF sigma (0.0283) would all map to VP timestep 0: repeated timesteps that
+    ``index_for_timestep`` cannot tell apart, and a student told t=0 while the state is at a smaller sigma."""
+    scheduler = TwoTimedFlowMapScheduler(sigma_spacing=spacing, shift=3.0)
+    scheduler.set_timesteps(num_steps)
+    nodes = scheduler.sigmas[:-1].double()
+    assert nodes.min().item() >= scheduler.sigma_min - 1e-7
+    assert len(set(scheduler.timesteps.tolist())) == num_steps
+    assert bool((scheduler.timesteps[1:] < scheduler.timesteps[:-1]).all())
+    for i in (0, num_steps // 2, num_steps - 1):
+        assert scheduler.index_for_timestep(scheduler.timesteps[i]) == i
+
+
+def test_from_config_of_flow_matching_schedulers():
+    """SD3's scheduler config has no betas: it must give a flow-matching flow map with SD3's shift, not SD 1.5's
+    VP schedule; a resolution-dependent (Flux) config is refused with a message naming the key."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+    sd3 = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    for config in (sd3.config, FlowMatchEulerDiscreteScheduler.load_config(_saved(sd3))):
+        scheduler = TwoTimedFlowMapScheduler.from_config(config)
+        assert (scheduler.config.teacher_type, scheduler.config.sigma_spacing) == ("flow_match", "shifted")
+        assert scheduler.config.shift == 3.0 and scheduler.config.prediction_type in (None, "flow")
+        scheduler.set_timesteps(4)
+        u = torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64)
+        expected = 1e-3 + (1 - 1e-3) * 3 * u / (1 + 2 * u)
+        torch.testing.assert_close(scheduler.sigmas[:-1].double(), expected, rtol=1e-6, atol=1e-7)
+    heun = TwoTimedFlowMapScheduler.from_config(FlowMatchHeunDiscreteScheduler().config)
+    assert (heun.config.teacher_type, heun.config.sigma_spacing) == ("flow_match", "uniform")
+    explicit = TwoTimedFlowMapScheduler.from_config(sd3.config, sigma_spacing="karras")
+    assert explicit.config.sigma_spacing == "karras"
+    with pytest.raises(ValueError, match="use_dynamic_shifting"):
+        TwoTimedFlowMapScheduler.from_config(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config)
+
+
+def _saved(scheduler):
+    import tempfile
+
+    path = tempfile.mkdtemp()
+    scheduler.save_config(path)
+    return path
+
+
+def test_numpy_config_values_are_accepted_and_saved_as_json(tmp_path):
+    import json
+
+    import numpy as np
+
+    scheduler = TwoTimedFlowMapScheduler(
+        num_train_timesteps=np.int64(1000),
+        shift=np.float32(2.0),
+        gamma=np.float64(0.25),
+        sigma_max=np.float32(0.9),
+        sigma_spacing="shifted",
+    )
+    scheduler.save_config(tmp_path)
+    saved = json.loads((tmp_path / "scheduler_config.json").read_text())
+    assert (saved["num_train_timesteps"], saved["shift"], saved["gamma"]) == (1000, 2.0, 0.25)
+    assert saved["sigma_max"] == pytest.approx(0.9)
+    reloaded = TwoTimedFlowMapScheduler.from_pretrained(tmp_path)
+    scheduler.set_timesteps(4)
+    reloaded.set_timesteps(4)
+    torch.testing.assert_close(reloaded.sigmas, scheduler.sigmas)
+    with pytest.raises(ValueError, match="shift"):
+        TwoTimedFlowMapScheduler(shift=np.float32(-1.0))

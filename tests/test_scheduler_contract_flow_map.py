@@ -172,7 +172,8 @@ def test_vp_timesteps_are_the_teachers_timesteps_of_the_grid():
     assert bool((scheduler.timesteps[1:] < scheduler.timesteps[:-1]).all())
     flow = TwoTimedFlowMapScheduler(teacher_type="flow_match")
     flow.set_timesteps(4)
-    torch.testing.assert_close(flow.timesteps, torch.tensor([1000.0, 750.0, 500.0, 250.0]))
+    # 1000 sigma on the grid sigma_min + (1 - sigma_min) u, sigma_min = 1 / 1000
+    torch.testing.assert_close(flow.timesteps, torch.tensor([1000.0, 750.25, 500.5, 250.75]))
 
 
 # ------------------------------------------------------------------------------------------- state machine
@@ -233,7 +234,9 @@ def test_add_noise_and_scale_noise_are_the_rf_forward_process(teacher_type):
         torch.testing.assert_close(per_sample[row], (1 - sigma) * x0[row] + sigma * noise[row])
     if teacher_type == "vp":  # at a node, RF (1 - s) x0 + s eps is SD's sqrt(a) x0 + sqrt(1 - a) eps, rescaled
         t = scheduler.timesteps[9]
-        alpha_bar = torch.tensor(scheduler.alphas_cumprod[int(round(float(t)))].item())
+        low, frac = int(float(t)), float(t) - int(float(t))  # continuous timestep: interpolate SD's table
+        table = scheduler.alphas_cumprod
+        alpha_bar = torch.tensor(((1 - frac) * table[low] + frac * table[min(low + 1, len(table) - 1)]).item())
         vp = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
         rf = scheduler.add_noise(x0, noise, t[None])
         torch.testing.assert_close(scheduler.scale_model_input(rf, t), vp, atol=2e-3, rtol=2e-3)

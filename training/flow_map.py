@@ -40,6 +40,7 @@ from diffusers_distill.flow_map import (
 )
 from diffusers_distill.losses import itvm_loss, lagrangian_flow_map_loss, mean_flow_loss, progressive_flow_map_loss
 from diffusers_distill.randomness import rand
+from diffusers_distill.schedulers import TwoTimedFlowMapScheduler
 from diffusers_distill.teacher import PromptEmbeddings, PromptEncoder, pipeline_arch
 
 from . import core
@@ -75,6 +76,7 @@ class FlowMapParts:
     vae: torch.nn.Module
     latent_shape: tuple[int, ...]
     sigma_max: float  # the teacher's largest RF time (0.936 for SD): pure noise
+    sampler: TwoTimedFlowMapScheduler  # the exported pipeline's scheduler (its grid samples the validation images)
     prediction_type: str
     device: torch.device
     prepared: torch.nn.Module | None = None  # accelerate's (DDP) wrapper of core.TrainingPhase(model), once made
@@ -243,6 +245,7 @@ def build_parts(config: FlowMapConfig, accelerator, pipe, resolution: int) -> Fl
         vae=pipe.vae,
         latent_shape=(config.train_batch_size, student.config.in_channels, latent_size, latent_size),
         sigma_max=vp_sigma_range(pipe.scheduler.alphas_cumprod)[1],
+        sampler=TwoTimedFlowMapScheduler.from_config(pipe.scheduler.config, sigma_spacing=config.sigma_spacing),
         prediction_type=prediction_type,
         device=accelerator.device,
     )
@@ -320,6 +323,7 @@ def save_student(config: FlowMapConfig, parts: FlowMapParts, pipe, repo_id: str 
             parts.student,
             type(pipe),
             default_num_inference_steps=config.default_num_inference_steps,
+            base_model=config.pretrained_teacher_model,
             **scheduler_config,
         )
     else:
@@ -383,12 +387,13 @@ def sample_flow_map(model: FlowMapUNet, cond: PromptEmbeddings, noise: torch.Ten
 
 
 def validation_images(parts: FlowMapParts, config: FlowMapConfig, accelerator) -> torch.Tensor:
-    """The validation prompts sampled by the student (default step count, uniform grid, fixed seed) in [0, 1]."""
+    """The validation prompts sampled by the student (default step count, the exported pipeline's grid, fixed
+    seed) in [0, 1]."""
     prompts = list(config.validation_prompts)
     generator = torch.Generator().manual_seed(config.seed)
     noise = randn((len(prompts), *parts.latent_shape[1:]), generator, parts.device)
-    steps = config.default_num_inference_steps
-    sigmas = [parts.sigma_max * (1 - i / steps) for i in range(steps)] + [0.0]
+    parts.sampler.set_timesteps(config.default_num_inference_steps)
+    sigmas = [s for s, _ in parts.sampler.jumps] + [0.0]  # float64 nodes, as the pipeline's steps use them
     with accelerator.autocast():
         latents = sample_flow_map(parts.model, parts.embed(prompts), noise, sigmas)
     return core.decode_latents(parts.vae, latents)
