@@ -2,12 +2,14 @@
 
 A DMD2 1-step student samples with diffusers' ``LCMScheduler`` at ``timesteps=[999]`` and no CFG. This times
 
-* **pipeline**: ``StableDiffusionPipeline(prompt_embeds=..., num_inference_steps=1, timesteps=[999],
+* **diffusers pipeline**: ``StableDiffusionPipeline(prompt_embeds=..., num_inference_steps=1, timesteps=[999],
   guidance_scale=0, output_type="pt")`` with the LCM scheduler (prompt embeddings precomputed: the text encoder
-  is the same in both columns and not what is measured);
+  is the same in every column and not what is measured), what a student folder gives with plain diffusers;
+* **DMD2 pipeline**: the same call of ``DMD2StableDiffusionPipeline`` on the same components, whose device
+  lookups take one pass (``pipelines/execution_device.py``);
 * **bare**: the calls it makes, by hand: noise, one UNet call, the x0 formula, one VAE decode, ``/2 + 0.5`` clamp;
 
-best of ``--repeats`` after one warm-up call of each, for
+best of ``--repeats`` rounds (the three interleaved) after one warm-up call of each, for
 
 * the bundled digits teacher (SD 1.5 architecture, at the size it ships: 8x8 latents) at 1 step, which is
   exactly the computation of a 1-step student exported from it (a LoRA student fused, or a full student, has the
@@ -72,13 +74,17 @@ def sd15_size_pipeline():
     )
 
 
-def best_of(call, repeats: int) -> float:
-    call()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+def best_of(calls: dict, repeats: int) -> dict:
+    """Best time of each call over ``repeats`` rounds, the calls interleaved within a round (so that a slow spell
+    of the shared machine hits every column alike), after one warm-up call of each."""
+    for call in calls.values():
         call()
-        best = min(best, time.perf_counter() - start)
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -95,7 +101,12 @@ def measure(pipe, repeats: int) -> dict:
     alpha_bar = pipe.scheduler.alphas_cumprod[999]
     t = torch.tensor([999])
 
-    def pipeline():
+    from diffusers_distill import DMD2StableDiffusionPipeline
+
+    ours = DMD2StableDiffusionPipeline(**pipe.components)
+    ours.set_progress_bar_config(disable=True)
+
+    def pipeline(pipe=pipe):
         return pipe(
             prompt_embeds=embeds,
             num_inference_steps=1,
@@ -115,9 +126,10 @@ def measure(pipe, repeats: int) -> dict:
         return (image / 2 + 0.5).clamp(0, 1)
 
     difference = (pipeline() - bare()).abs().max().item()  # the same computation (LCM's c_skip at 999 ~ 1e-8)
+    if not torch.equal(pipeline(ours), pipeline()):
+        raise AssertionError("DMD2StableDiffusionPipeline and StableDiffusionPipeline gave different images")
     return {
-        "pipeline_s": best_of(pipeline, repeats),
-        "bare_s": best_of(bare, repeats),
+        **best_of({"pipeline_s": pipeline, "ours_s": lambda: pipeline(ours), "bare_s": bare}, repeats),
         "latent": latent,
         "max_abs_difference": difference,
     }
@@ -139,20 +151,23 @@ def main(argv=None) -> list[dict]:
         "sd15": ("SD 1.5 size", sd15_size_pipeline),
     }
     print(f"1-step student latency on CPU (1 thread), fp32, batch 1, best of {args.repeats}\n")
-    print("| model | latents | pipeline (s) | bare UNet + VAE (s) | ratio | max abs difference |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| model | latents | diffusers pipeline (s) | DMD2 pipeline (s) | bare UNet + VAE (s) | ratio diffusers | "
+        "ratio DMD2 | max abs difference |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
     for name in args.models:
         label, build = builders[name]
         result = measure(build(), args.repeats)
-        ratio = result["pipeline_s"] / result["bare_s"]
+        ratio, ratio_ours = result["pipeline_s"] / result["bare_s"], result["ours_s"] / result["bare_s"]
         size = f"{result['latent']}x{result['latent']}"
         print(
-            f"| {label} | {size} | {result['pipeline_s']:.4f} | {result['bare_s']:.4f} | {ratio:.3f} | "
-            f"{result['max_abs_difference']:.1e} |",
+            f"| {label} | {size} | {result['pipeline_s']:.4f} | {result['ours_s']:.4f} | {result['bare_s']:.4f} | "
+            f"{ratio:.3f} | {ratio_ours:.3f} | {result['max_abs_difference']:.1e} |",
             flush=True,
         )
-        rows.append({"model": name, "ratio": ratio, **result})
+        rows.append({"model": name, "ratio": ratio, "ratio_dmd2": ratio_ours, **result})
     return rows
 
 

@@ -28,6 +28,8 @@ from diffusers.utils import logging
 from diffusers_distill.export import STUDENT_CONFIG_NAME, StudentConfig, student_scheduler
 from diffusers_distill.fileio import atomic_write_json
 
+from .execution_device import SinglePassDeviceMixin
+
 logger = logging.get_logger(__name__)
 
 DEFAULT_ADAPTER_NAME = "dmd2"
@@ -54,8 +56,9 @@ def resolve_student_config(path_or_repo_id, **hub_kwargs) -> StudentConfig | Non
         return StudentConfig.from_dict(json.load(f))
 
 
-class DMD2PipelineMixin:
-    """Student-aware defaults, student loading and native saving, shared by the SD 1.5 and SDXL pipelines."""
+class DMD2PipelineMixin(SinglePassDeviceMixin):
+    """Student-aware defaults, student loading and native saving, shared by the SD 1.5 and SDXL pipelines (and
+    diffusers' device lookups in one pass: a 1-step call is mostly fixed Python cost)."""
 
     _native_class: type
     _arch: str

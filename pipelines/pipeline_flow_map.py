@@ -35,6 +35,8 @@ from diffusers_distill.flow_map import (
 )
 from diffusers_distill.schedulers import TwoTimedFlowMapScheduler
 
+from .execution_device import SinglePassDeviceMixin
+
 __all__ = ["FlowMapStableDiffusionPipeline", "FlowMapStableDiffusionXLPipeline"]
 
 
@@ -44,8 +46,9 @@ def _check_steps(value) -> int:
     return value
 
 
-class FlowMapPipelineMixin:
-    """The flow-map denoising loop shared by the SD 1.5 and SDXL pipelines."""
+class FlowMapPipelineMixin(SinglePassDeviceMixin):
+    """The flow-map denoising loop shared by the SD 1.5 and SDXL pipelines (diffusers' device lookups in one
+    pass)."""
 
     @classmethod
     def from_teacher(cls, teacher_pipeline, student_unet, default_num_inference_steps: int = 4, **scheduler_kwargs):
