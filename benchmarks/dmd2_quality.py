@@ -82,10 +82,9 @@ def main(argv=None):
     if args.gan_loss_weight < 0:
         raise ValueError(f"--gan_loss_weight must be >= 0, got {args.gan_loss_weight}")
     torch.set_num_threads(1)
-    from diffusers_distill.digits import digits_teacher_path
-    from diffusers_distill.evaluation import evaluate_pipeline, image_psnr
+    from diffusers_distill.evaluation import evaluate_pipeline
     from diffusers_distill.fileio import atomic_write_json, atomic_write_text
-    from diffusers_distill.training.distill_digits import result_row, results_markdown
+    from diffusers_distill.training.distill_digits import result_row, results_markdown, teacher_baselines
 
     os.makedirs(args.output_dir, exist_ok=True)
     jobs = [
@@ -112,24 +111,7 @@ def main(argv=None):
     with ProcessPoolExecutor(max_workers=1 if args.sequential else 2, mp_context=get_context("spawn")) as pool:
         students = list(pool.map(_train_student, jobs))
 
-    teacher = digits_teacher_path("sd15")
-    rows = []
-    for steps in (25, *args.student_steps):
-        grid = os.path.join(args.output_dir, f"teacher-ddim-{steps}.png")
-        m = evaluate_pipeline(
-            teacher,
-            scheduler="ddim",
-            steps=steps,
-            guidance=args.guidance,
-            n_per_digit=args.n_per_digit,
-            seed=args.seed,
-            grid_path=grid,
-        )
-        if steps == 25:
-            reference = m["images"]
-        else:
-            m["psnr"] = image_psnr(m["images"], reference)
-        rows.append(result_row(f"teacher DDIM (CFG {args.guidance:g})", m))
+    rows, reference = teacher_baselines(args.output_dir, args.student_steps, args.guidance, args.n_per_digit, args.seed)
     for job, result in zip(jobs, students):
         timesteps = student_timesteps(job["output_dir"])
         for k in range(1, len(timesteps)):  # the FD after each step but the last (the student row itself)
@@ -140,8 +122,8 @@ def main(argv=None):
                 timesteps=timesteps[:k],
                 n_per_digit=args.n_per_digit,
                 seed=args.seed,
+                reference=reference,
             )
-            m["psnr"] = image_psnr(m["images"], reference)
             rows.append(result_row(f"DMD2 {len(timesteps)}-step student, after step {k} (t={timesteps[:k]})", m))
         cpu_seconds = result["train_cpu_seconds"]
         rows.append(

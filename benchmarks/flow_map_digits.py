@@ -172,10 +172,9 @@ def main(argv=None):
     if args.max_train_steps < 1 or args.n_per_digit < 1:
         parser.error("--max_train_steps and --n_per_digit must be >= 1")
     torch.set_num_threads(1)
-    from diffusers_distill.digits import digits_teacher_path
-    from diffusers_distill.evaluation import evaluate_pipeline
     from diffusers_distill.fileio import atomic_write_json, atomic_write_text
     from diffusers_distill.pipelines.pipeline_flow_map import FlowMapStableDiffusionPipeline
+    from diffusers_distill.training.distill_digits import teacher_baselines
 
     os.makedirs(args.output_dir, exist_ok=True)
     training_path = os.path.join(args.output_dir, "training.json")
@@ -186,30 +185,7 @@ def main(argv=None):
         training = _train(args)
         atomic_write_json(training_path, training)
 
-    teacher, rows, reference = digits_teacher_path("sd15"), [], None
-    for steps in (TEACHER_STEPS, *STEPS):
-        m = evaluate_pipeline(
-            teacher,
-            scheduler="ddim",
-            steps=steps,
-            guidance=args.guidance,
-            n_per_digit=args.n_per_digit,
-            seed=args.seed,
-            scheduler_kwargs={"timestep_spacing": "trailing"},
-            grid_path=os.path.join(args.output_dir, f"teacher-ddim-{steps}.png"),
-            reference=None if steps == TEACHER_STEPS else reference,
-        )
-        if steps == TEACHER_STEPS:
-            reference = m["images"]
-        rows.append(
-            {
-                "model": f"teacher DDIM trailing (CFG {args.guidance:g})",
-                "steps": steps,
-                "prompt_accuracy": m["prompt_accuracy"],
-                "digits_fd": m["digits_fd"],
-                "psnr": m.get("psnr"),
-            }
-        )
+    rows, reference = teacher_baselines(args.output_dir, STEPS, args.guidance, args.n_per_digit, args.seed)
     pipe = FlowMapStableDiffusionPipeline.from_pretrained(
         os.path.join(args.output_dir, "student"), local_files_only=True
     )

@@ -22,6 +22,8 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from .state import StepIndexState
+
 VP_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 VP_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
@@ -98,7 +100,7 @@ def linear_combination(weights, tensors, initial: torch.Tensor | None = None, in
     return total
 
 
-class MomentumSchedulerBase(SchedulerMixin, ConfigMixin):
+class MomentumSchedulerBase(StepIndexState, SchedulerMixin, ConfigMixin):
     """diffusers plumbing common to every momentum scheduler (indices, step skeleton)."""
 
     order = 1
@@ -118,26 +120,10 @@ class MomentumSchedulerBase(SchedulerMixin, ConfigMixin):
         """Return (prev_sample, pred_original_sample) for node ``index``; updates the momentum state."""
         raise NotImplementedError
 
-    # ---------------------------------------------------------------- diffusers contract
-    @property
-    def step_index(self):
-        """Index of the current node; increases by one after each ``step``."""
-        return self._step_index
-
-    @property
-    def begin_index(self):
-        """First index, set by img2img-style pipelines through ``set_begin_index``."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
-
+    # ---------------------------------------------------------------- diffusers contract (and StepIndexState)
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Identity: latents are kept in x_t space."""
         return sample
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
 
     # what index_for_timestep does with a timestep that is not in the schedule: DPMSolverMultistep returns the last
     # index ("last"), FlowMatchEulerDiscrete fails ("raise")

@@ -17,6 +17,8 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .state import StepIndexState
+
 TEACHER_TYPES = ("vp", "flow_match")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 SIGMA_SPACINGS = ("uniform", "shifted", "karras")
@@ -44,7 +46,7 @@ def _check_range(name: str, value, low: float, high: float, low_open: bool = Fal
         raise ValueError(f"`{name}` must be in {'(' if low_open else '['}{low}, {high}], got {value!r}.")
 
 
-class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
+class TwoTimedFlowMapScheduler(StepIndexState, SchedulerMixin, ConfigMixin):
     """Sampler of a two-timed flow model (TTFM) phi(z, s, t) ([ITVM]; [FM] Eq. FM1) in rectified-flow time
     sigma (1 = noise, 0 = data), with any number of steps 1..N from one model.
 
@@ -222,29 +224,7 @@ class TwoTimedFlowMapScheduler(SchedulerMixin, ConfigMixin):
         first = self._sigmas[0] if self.sigmas is not None else self.sigma_max
         return math.hypot(1.0 - first, first)
 
-    # ---------------------------------------------------------------- diffusers state machine
-    @property
-    def step_index(self):
-        """Index of the current step; increases by one after each ``step``."""
-        return self._step_index
-
-    @property
-    def begin_index(self):
-        """First step index, set by img2img pipelines through ``set_begin_index``."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        if isinstance(begin_index, bool) or not isinstance(begin_index, numbers.Integral) or begin_index < 0:
-            raise ValueError(f"`begin_index` must be an int >= 0, got {begin_index!r}.")
-        if self.num_inference_steps is not None and begin_index > self.num_inference_steps:
-            raise ValueError(
-                f"`begin_index` must be <= num_inference_steps={self.num_inference_steps}, got {begin_index!r}."
-            )
-        self._begin_index = int(begin_index)
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
-
+    # ---------------------------------------------------------------- diffusers state machine: StepIndexState
     def sigma_to_timestep(self, sigma):
         """The model's first time input for RF ``sigma``: VP t*(sigma) ([FM] Eq. VP2RF), or 1000 sigma (flow)."""
         if self.config.teacher_type == "flow_match":

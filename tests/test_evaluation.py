@@ -170,9 +170,7 @@ def test_evaluate_prompts_fid_and_clip_plumbing(sd15_pipeline_dir, tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     prompts = ["a red square", "a blue circle", "a cat"]
     features, clip = _TinyFeatures(), _TinyCLIP()
-    m = evaluation.evaluate_prompts(
-        sd15_pipeline_dir,
-        prompts,
+    settings = dict(
         reference_dir=str(ref),
         steps=2,
         guidance=3.0,
@@ -180,8 +178,8 @@ def test_evaluate_prompts_fid_and_clip_plumbing(sd15_pipeline_dir, tmp_path):
         batch_size=4,
         fid_features=features,
         clip_embedder=clip,
-        grid_path=str(tmp_path / "grid.png"),
     )
+    m = evaluation.evaluate_prompts(sd15_pipeline_dir, prompts, grid_path=str(tmp_path / "grid.png"), **settings)
     assert m["n_images"] == 6 and m["n_reference_images"] == 6 and m["steps"] == 2
     generated = evaluation.to_uint8(m["images"])
     real = evaluation.load_reference_images(str(ref))
@@ -194,17 +192,7 @@ def test_evaluate_prompts_fid_and_clip_plumbing(sd15_pipeline_dir, tmp_path):
     all_prompts = [p for p in prompts for _ in range(2)]
     assert m["clip_score"] == pytest.approx(evaluation.clip_score_from_embeddings(*clip(generated, all_prompts)))
     assert (tmp_path / "grid.png").exists()
-    again = evaluation.evaluate_prompts(
-        sd15_pipeline_dir,
-        prompts,
-        reference_dir=str(ref),
-        steps=2,
-        guidance=3.0,
-        n_per_prompt=2,
-        batch_size=4,
-        fid_features=features,
-        clip_embedder=clip,
-    )
+    again = evaluation.evaluate_prompts(sd15_pipeline_dir, prompts, **settings)
     assert torch.equal(again["images"], m["images"]) and again["fid"] == m["fid"]
 
 

@@ -275,6 +275,20 @@ def test_set_timesteps_resets_history_momentum_and_indices(cls):
     assert scheduler.step_index == 8 and scheduler.begin_index is None
 
 
+@pytest.mark.parametrize("cls", ALL_CLASSES)
+def test_set_begin_index_rejects_what_no_schedule_has(cls):
+    """A bad begin_index fails at once with the allowed range, not as an IndexError in the middle of sampling."""
+    scheduler = cls()
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="`begin_index` must be an int >= 0"):
+            scheduler.set_begin_index(bad)
+    scheduler.set_timesteps(4)
+    with pytest.raises(ValueError, match="`begin_index` must be <= num_inference_steps=4"):
+        scheduler.set_begin_index(5)
+    scheduler.set_begin_index(np.int64(2))
+    assert scheduler.begin_index == 2 and type(scheduler.begin_index) is int
+
+
 @pytest.mark.parametrize(("cls", "option"), CLASS_OPTIONS, ids=CLASS_OPTION_IDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(cls, option, dtype):

@@ -309,3 +309,23 @@ def parse_config(config_class: type, argv: list[str] | None = None, description:
     args = vars(build_parser(config_class, description).parse_args(argv))
     preset = args.pop("config")
     return config_class.from_file(preset, **args) if preset else config_class.from_dict(args, "flags")
+
+
+def run_cli(config_class: type, argv: list[str] | None, description: str, prog: str, trainer: str, summary) -> int:
+    """The body of a ``train_*.py`` script's ``main``: parse and validate the flags, then import ``trainer``
+    (``"module:function"``, imported only now so that ``--help`` and flag errors stay fast) and run it on the
+    config. A :class:`ConfigError` is printed as one ``prog: error: ...`` line (exit status 2); on success
+    ``summary(config, result)`` is printed."""
+    import importlib
+    import sys
+
+    try:
+        config = parse_config(config_class, argv, description)
+        config.validate()
+        module, function = trainer.split(":")
+        result = getattr(importlib.import_module(module), function)(config)
+    except ConfigError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    print(summary(config, result))
+    return 0

@@ -482,3 +482,47 @@ def prepare_hub(config: TrainingConfig, accelerator) -> str | None:
     default = "" if config.hub_model_id else " (the name of --output_dir; set --hub_model_id to choose another)"
     logger.info("--push_to_hub: the student will be uploaded to %s%s", repo_id, default)
     return repo_id
+
+
+def start_run(config: TrainingConfig):
+    """Steps 2-4 of every recipe, in the order that reports errors early: accelerate (DDP with
+    ``find_unused_parameters``, since the phases train disjoint parameters: see :class:`TrainingPhase`), logging and
+    the seed (identical initial weights, e.g. LoRA init, on every process); the Hub repo and token (checked now, not
+    after training); the data (its errors come before the teacher loads); the teacher pipeline, whose resolution
+    the data then takes. Returns ``(accelerator, repo_id, data, pipe)``."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(config, find_unused_parameters=True)
+    setup_logging(accelerator)
+    set_seed(config.seed)
+    repo_id = prepare_hub(config, accelerator)
+    data = load_training_data(config, config.resolution or 512)
+    pipe = load_teacher_pipeline(config, accelerator.device, weight_dtype(accelerator))
+    data.resolution = teacher_resolution(pipe, config.resolution)
+    return accelerator, repo_id, data, pipe
+
+
+def start_tracking(config: TrainingConfig, accelerator, prompt_cache: PromptCache, prompts: list[str]) -> None:
+    """Step 7: the trackers (main process, unless ``--report_to none``) and the prompt cache filled."""
+    if accelerator.is_main_process and config.report_to != "none":
+        accelerator.init_trackers(config.tracker_project_name, config=config.tracker_config())
+    prompt_cache.warm_up(prompts)
+
+
+def finish_run(config: TrainingConfig, accelerator, parts, data, history: list, start_step: int, export) -> dict:
+    """Step 9: after every process has finished, the main process warns about skipped images and runs ``export()``
+    (the student saved with its EMA weights, and uploaded); then the run ends (:func:`end_training`). Returns
+    ``{"global_step", "losses", "output_dir", "num_skipped_images", "num_processes"}``."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if data.num_skipped_images:
+            logger.warning("skipped %d unreadable images", data.num_skipped_images)
+        export()
+    end_training(accelerator, parts)
+    return {
+        "global_step": history[-1]["step"] if history else start_step,
+        "losses": history,
+        "output_dir": config.output_dir,
+        "num_skipped_images": data.num_skipped_images,
+        "num_processes": accelerator.num_processes,
+    }

@@ -30,6 +30,7 @@ __all__ = [
     "load_digits_student",
     "result_row",
     "results_markdown",
+    "teacher_baselines",
 ]
 
 TEACHER_STEPS = 25
@@ -108,6 +109,34 @@ def result_row(
         "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,
     }
+
+
+def teacher_baselines(output_dir: str, steps: list[int], guidance: float, n_per_digit: int, seed: int):
+    """The teacher rows of the digits benchmarks: the bundled SD 1.5 teacher with DDIM (trailing spacing, so that
+    few steps sample the students' timesteps 999, 749, ...) at 25 steps, the reference, and at each of ``steps``,
+    at CFG ``guidance`` on the seeded evaluation noise, with a sample grid each in ``output_dir``.
+
+    Returns ``(rows, reference_images)``: :func:`result_row` rows (PSNR against the 25-step images) and those images.
+    """
+    from diffusers_distill.digits import digits_teacher_path
+    from diffusers_distill.evaluation import evaluate_pipeline
+
+    rows, reference = [], None
+    for count in (TEACHER_STEPS, *steps):
+        m = evaluate_pipeline(
+            digits_teacher_path("sd15"),
+            scheduler=TEACHER_SCHEDULER,
+            steps=count,
+            guidance=guidance,
+            n_per_digit=n_per_digit,
+            seed=seed,
+            scheduler_kwargs={"timestep_spacing": "trailing"},
+            grid_path=os.path.join(output_dir, f"teacher-ddim-{count}.png"),
+            reference=reference,
+        )
+        reference = m["images"] if count == TEACHER_STEPS else reference
+        rows.append(result_row(f"teacher DDIM trailing (CFG {guidance:g})", m))
+    return rows, reference
 
 
 def results_markdown(rows: list[dict], reference_fd: float) -> str:

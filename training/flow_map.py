@@ -449,22 +449,13 @@ def train_flow_map(config: FlowMapConfig) -> dict:
 
     Per-step losses are also written to ``<output_dir>/losses.jsonl``.
     """
-    from accelerate.utils import set_seed
     from diffusers.training_utils import EMAModel
 
     # 1. Check every option before anything is loaded.
     config.validate()
-    # 2. accelerate, logging and the seed; the Hub repo and token are checked now, not after training.
-    accelerator = core.make_accelerator(config, find_unused_parameters=True)  # see core.TrainingPhase
-    core.setup_logging(accelerator)
-    set_seed(config.seed)  # identical initial weights (LoRA init) on every process
-    repo_id = core.prepare_hub(config, accelerator)
-    # 3. Data: its errors are reported before the teacher loads.
-    data = core.load_training_data(config, config.resolution or 512)
-    # 4. The teacher and the student built on its UNet (with the target EMA).
-    pipe = core.load_teacher_pipeline(config, accelerator.device, core.weight_dtype(accelerator))
-    data.resolution = resolution = core.teacher_resolution(pipe, config.resolution)
-    parts = build_parts(config, accelerator, pipe, resolution)
+    # 2-4. accelerate, logging, seed, Hub check, data, and the teacher; then the student on its UNet.
+    accelerator, repo_id, data, pipe = core.start_run(config)
+    parts = build_parts(config, accelerator, pipe, data.resolution)
     # 5. Optimizer and learning-rate schedule.
     total_steps = core.num_training_steps(config, len(data.prompts), accelerator.num_processes)
     optimizer, scheduler = make_optimizer(config, parts, accelerator, total_steps)
@@ -474,16 +465,12 @@ def train_flow_map(config: FlowMapConfig) -> dict:
     register_checkpoint_hooks(accelerator, parts, type(pipe), ema)
     start_step = core.resume_from_checkpoint(accelerator, config)
     # 7. Trackers and the prompt cache.
-    if accelerator.is_main_process and config.report_to != "none":
-        accelerator.init_trackers(config.tracker_project_name, config=config.tracker_config())
-    parts.embed.warm_up(data.prompts)
+    core.start_tracking(config, accelerator, parts.embed, data.prompts)
     # 8. Train.
     history = train_loop(config, accelerator, parts, data, optimizer, scheduler, ema, start_step, total_steps)
+
     # 9. Export the (EMA) student and upload it.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if data.num_skipped_images:
-            logger.warning("skipped %d unreadable images", data.num_skipped_images)
+    def export():
         with core.ema_weights(ema, parts.params):
             save_student(config, parts, pipe, repo_id)
         if repo_id is not None:
@@ -498,11 +485,5 @@ def train_flow_map(config: FlowMapConfig) -> dict:
                 commit_message="Upload flow-map student",
                 write_card=False,
             )
-    core.end_training(accelerator, parts)
-    return {
-        "global_step": history[-1]["step"] if history else start_step,
-        "losses": history,
-        "output_dir": config.output_dir,
-        "num_skipped_images": data.num_skipped_images,
-        "num_processes": accelerator.num_processes,
-    }
+
+    return core.finish_run(config, accelerator, parts, data, history, start_step, export)

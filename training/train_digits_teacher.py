@@ -388,38 +388,58 @@ def train_sd15_teacher(args, vae, latents, labels, tokenizer, text_encoder, prom
         e = torch.where(drop[:, None, None], embeds[10].expand_as(e), e)
         return {"encoder_hidden_states": e}
 
+    extra_report = dict(
+        train_text_encoder=bool(args.train_text_encoder),
+        text_encoder_steps=args.text_encoder_steps,
+        text_encoder_loss=te_log,
+        text_encoder_min_prompt_distance=min_distance,
+    )
+    train_and_save_unet(args, pipe, "sd15", latents, labels, cond_sd15, 1, common_report, extra_report, extra_params)
+    sd15_text_encoder.eval().requires_grad_(False)
+
+
+def train_and_save_unet(
+    args,
+    pipe,
+    arch: str,
+    latents,
+    labels,
+    cond,
+    seed_offset: int,
+    common_report: dict,
+    extra_report: dict,
+    extra_params=(),
+) -> None:
+    """A fresh UNet of ``arch`` trained with :func:`train_unet` (seed ``args.seed + seed_offset``) into ``pipe``,
+    then saved as ``digits-<arch>`` with the training report."""
     torch.manual_seed(args.seed)
-    pipe.unet = build_unet(False)
+    pipe.unet = build_unet(arch == "sdxl")
     t1, c1 = time.time(), time.process_time()
     log: list = []
     train_unet(
         pipe.unet,
         latents,
         labels,
-        cond_sd15,
+        cond,
         args.max_train_steps,
         args.batch_size,
         args.learning_rate,
-        args.seed + 1,
+        args.seed + seed_offset,
         log,
-        "sd15",
+        arch,
         extra_params=extra_params,
         **unet_recipe(args),
     )
-    sd15_text_encoder.eval().requires_grad_(False)
     report = dict(
         common_report,
-        arch="sd15",
-        train_text_encoder=bool(args.train_text_encoder),
-        text_encoder_steps=args.text_encoder_steps,
-        text_encoder_loss=te_log,
-        text_encoder_min_prompt_distance=min_distance,
+        arch=arch,
+        **extra_report,
         unet_seconds=round(time.time() - t1, 1),
         unet_cpu_seconds=round(time.process_time() - c1, 1),
         unet_loss=log,
     )
-    save_teacher(pipe, os.path.join(args.output_dir, "digits-sd15"), report)
-    print(f"sd15 done in {report['unet_seconds']}s", flush=True)
+    save_teacher(pipe, os.path.join(args.output_dir, f"digits-{arch}"), report)
+    print(f"{arch} done in {report['unet_seconds']}s", flush=True)
 
 
 def train_sdxl_teacher(
@@ -453,32 +473,7 @@ def train_sdxl_teacher(
             "added_cond_kwargs": {"text_embeds": p, "time_ids": time_ids.expand(len(y), -1)},
         }
 
-    torch.manual_seed(args.seed)
-    pipe.unet = build_unet(True)
-    t1, c1 = time.time(), time.process_time()
-    log: list = []
-    train_unet(
-        pipe.unet,
-        latents,
-        labels,
-        cond_sdxl,
-        args.max_train_steps,
-        args.batch_size,
-        args.learning_rate,
-        args.seed + 2,
-        log,
-        "sdxl",
-        **unet_recipe(args),
-    )
-    report = dict(
-        common_report,
-        arch="sdxl",
-        unet_seconds=round(time.time() - t1, 1),
-        unet_cpu_seconds=round(time.process_time() - c1, 1),
-        unet_loss=log,
-    )
-    save_teacher(pipe, os.path.join(args.output_dir, "digits-sdxl"), report)
-    print(f"sdxl done in {report['unet_seconds']}s", flush=True)
+    train_and_save_unet(args, pipe, "sdxl", latents, labels, cond_sdxl, 2, common_report, {})
 
 
 def main(argv=None):

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import sys
 
-from diffusers_distill.training.config import ConfigError
 from diffusers_distill.training.config import parse_config as _parse
+from diffusers_distill.training.config import run_cli
 from diffusers_distill.training.dmd2_config import DMD2Config
 
 DESCRIPTION = (
@@ -31,20 +31,17 @@ def parse_config(argv: list[str] | None = None) -> DMD2Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = parse_config(argv)
-        config.validate()
-        from diffusers_distill.training.dmd2 import train_dmd2  # the heavy imports, after the flags are checked
-
-        result = train_dmd2(config)
-    except ConfigError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    print(
-        f"DMD2 finished at step {result['global_step']} on {result['num_processes']} process(es); "
-        f"outputs in {result['output_dir']}"
+    return run_cli(
+        DMD2Config,
+        argv,
+        DESCRIPTION,
+        PROG,
+        "diffusers_distill.training.dmd2:train_dmd2",
+        lambda config, result: (
+            f"DMD2 finished at step {result['global_step']} on {result['num_processes']} process(es); "
+            f"outputs in {result['output_dir']}"
+        ),
     )
-    return 0
 
 
 if __name__ == "__main__":

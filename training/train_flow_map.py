@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import sys
 
-from diffusers_distill.training.config import ConfigError
 from diffusers_distill.training.config import parse_config as _parse
+from diffusers_distill.training.config import run_cli
 from diffusers_distill.training.flow_map_config import FlowMapConfig
 
 DESCRIPTION = (
@@ -32,20 +32,17 @@ def parse_config(argv: list[str] | None = None) -> FlowMapConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = parse_config(argv)
-        config.validate()
-        from diffusers_distill.training.flow_map import train_flow_map  # the heavy imports, after the flags
-
-        result = train_flow_map(config)
-    except ConfigError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    print(
-        f"flow-map distillation ({config.loss}) finished at step {result['global_step']} on "
-        f"{result['num_processes']} process(es); outputs in {result['output_dir']}"
+    return run_cli(
+        FlowMapConfig,
+        argv,
+        DESCRIPTION,
+        PROG,
+        "diffusers_distill.training.flow_map:train_flow_map",
+        lambda config, result: (
+            f"flow-map distillation ({config.loss}) finished at step {result['global_step']} on "
+            f"{result['num_processes']} process(es); outputs in {result['output_dir']}"
+        ),
     )
-    return 0
 
 
 if __name__ == "__main__":
