@@ -19,79 +19,11 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
 STEPS = (1, 2, 4, 8)
 TEACHER_STEPS = 25
-
-
-def _train(args) -> dict:
-    from diffusers_distill.digits import IMAGE_SIZE, digits_teacher_path
-    from diffusers_distill.training.distill_digits import write_digit_images, write_digit_prompts
-    from diffusers_distill.training.flow_map import FlowMapConfig, train_flow_map
-
-    data = os.path.join(args.output_dir, "data")
-    config = FlowMapConfig(
-        pretrained_teacher_model=digits_teacher_path("sd15"),
-        output_dir=os.path.join(args.output_dir, "student"),
-        prompt_file=write_digit_prompts(os.path.join(data, "prompts.txt")),
-        train_data_dir=write_digit_images(os.path.join(data, "images")),
-        resolution=IMAGE_SIZE,
-        loss=args.loss,
-        guidance_scale=args.guidance,
-        student_type="full",
-        train_batch_size=args.train_batch_size,
-        max_train_steps=args.max_train_steps,
-        learning_rate=args.learning_rate,
-        lr_scheduler="constant_with_warmup",
-        lr_warmup_steps=min(100, args.max_train_steps // 10),
-        max_grad_norm=1.0,
-        use_ema=True,
-        ema_decay=args.ema_decay,
-        target_ema_decay=args.target_ema_decay,
-        default_num_inference_steps=4,
-        cache_text_embeddings=True,
-        checkpointing_steps=10**9,
-        report_to="none",
-        seed=args.seed,
-    )
-    start_wall, start_cpu = time.perf_counter(), time.process_time()
-    result = train_flow_map(config)
-    return {
-        "wall_seconds": time.perf_counter() - start_wall,
-        "cpu_seconds": time.process_time() - start_cpu,
-        "global_step": result["global_step"],
-        "final_loss": result["losses"][-1]["loss"] if result["losses"] else None,
-    }
-
-
-@torch.no_grad()
-def _evaluate_student(pipe, steps: int, n_per_digit: int, seed: int, reference, grid_path: str) -> dict:
-    """The student's images from the same seeded noise as ``evaluation.generate_digits`` (its pipeline distils
-    guidance in, so it takes no ``guidance_scale``)."""
-    from diffusers_distill.digits import digit_prompt
-    from diffusers_distill.evaluation import digits_fd, image_psnr, prompt_accuracy, save_image_grid
-
-    labels = torch.arange(10).repeat_interleave(n_per_digit)
-    size, channels = pipe.unet.config.sample_size, pipe.unet.config.in_channels
-    latents = torch.randn(len(labels), channels, size, size, generator=torch.Generator().manual_seed(seed))
-    images = (
-        pipe(
-            [digit_prompt(int(y)) for y in labels], num_inference_steps=steps, latents=latents, output_type="pt"
-        ).images
-        * 2
-        - 1
-    )
-    order = torch.arange(len(labels)).reshape(10, n_per_digit).T.flatten()
-    save_image_grid(images[order], grid_path, nrow=10)
-    return {
-        "steps": steps,
-        "prompt_accuracy": prompt_accuracy(images, labels),
-        "digits_fd": digits_fd(images),
-        "psnr": image_psnr(images, reference),
-    }
 
 
 def _real_data_floor(n_per_digit: int) -> dict:
@@ -172,9 +104,9 @@ def main(argv=None):
     if args.max_train_steps < 1 or args.n_per_digit < 1:
         parser.error("--max_train_steps and --n_per_digit must be >= 1")
     torch.set_num_threads(1)
+    from diffusers_distill.evaluation import evaluate_pipeline
     from diffusers_distill.fileio import atomic_write_json, atomic_write_text
-    from diffusers_distill.pipelines.pipeline_flow_map import FlowMapStableDiffusionPipeline
-    from diffusers_distill.training.distill_digits import teacher_baselines
+    from diffusers_distill.training.distill_digits import distill_digits_flow_map, teacher_baselines
 
     os.makedirs(args.output_dir, exist_ok=True)
     training_path = os.path.join(args.output_dir, "training.json")
@@ -182,18 +114,32 @@ def main(argv=None):
         with open(training_path, encoding="utf-8") as f:
             training = json.load(f)
     else:
-        training = _train(args)
+        training = distill_digits_flow_map(
+            args.output_dir,
+            args.loss,
+            args.max_train_steps,
+            args.train_batch_size,
+            args.learning_rate,
+            args.guidance,
+            args.ema_decay,
+            args.target_ema_decay,
+            args.seed,
+            evaluate=False,
+        )["training"]
         atomic_write_json(training_path, training)
 
     rows, reference = teacher_baselines(args.output_dir, STEPS, args.guidance, args.n_per_digit, args.seed)
-    pipe = FlowMapStableDiffusionPipeline.from_pretrained(
-        os.path.join(args.output_dir, "student"), local_files_only=True
-    )
-    pipe.set_progress_bar_config(disable=True)
     minutes = f"{training['cpu_seconds'] / 60:.1f} CPU min ({training['wall_seconds'] / 60:.1f} min wall)"
-    for steps in STEPS:
-        grid = os.path.join(args.output_dir, f"student-{steps}.png")
-        row = _evaluate_student(pipe, steps, args.n_per_digit, args.seed, reference, grid)
+    for steps in STEPS:  # the exported folder, loaded as a user would (evaluation uses its pipeline class)
+        m = evaluate_pipeline(
+            os.path.join(args.output_dir, "student"),
+            steps=steps,
+            n_per_digit=args.n_per_digit,
+            seed=args.seed,
+            reference=reference,
+            grid_path=os.path.join(args.output_dir, f"student-{steps}.png"),
+        )
+        row = {k: m.get(k) for k in ("steps", "prompt_accuracy", "digits_fd", "psnr")}
         rows.append({"model": f"flow-map student ({args.loss})", **row, "training": minutes})
     rows.append({"model": "real digits (train split), the floor", **_real_data_floor(args.n_per_digit)})
     reference_fd = rows[0]["digits_fd"]

@@ -88,3 +88,32 @@ def test_step_routing_answers_the_routed_timesteps_with_the_teacher_cfg(sd15_pip
         torch.testing.assert_close(student(x, torch.tensor(749), cond, return_dict=False)[0], own)
         restore()
         assert not torch.allclose(student(x, torch.tensor(249), cond, return_dict=False)[0], eps_c)
+
+
+@pytest.mark.slow
+def test_demo_flow_map_stage_writes_a_loadable_student_and_its_table(tmp_path):
+    """The opt-in demo stage: a flow-map student folder that its pipeline class loads, sampled at every step count
+    of the table against the teacher rows (same seeded noise), and the table in the demo's metrics."""
+    from diffusers_distill import cli
+    from diffusers_distill.pipelines.pipeline_flow_map import FlowMapStableDiffusionPipeline
+
+    assert "flow_map" not in cli.DEFAULT_DEMO_STAGES and "flow_map" in cli.DEMO_STAGES
+    summary = cli.stage_flow_map(str(tmp_path), n_per_digit=2, max_train_steps=3, train_batch_size=4, steps=(1, 2))[
+        "flow_map"
+    ]
+    assert summary["training"]["global_step"] == 3
+    models = [(r["model"], r["steps"]) for r in summary["rows"]]
+    assert models == [("teacher DDIM trailing (CFG 1.5)", s) for s in (25, 1, 2)] + [
+        ("flow-map student (itvm)", s) for s in (1, 2)
+    ]
+    assert all(r["psnr"] is not None for r in summary["rows"][1:])
+    table = (tmp_path / "flow_map_metrics.md").read_text()
+    assert f"{summary['rows'][-1]['digits_fd']:.2f}" in table
+    pipe = FlowMapStableDiffusionPipeline.from_pretrained(str(tmp_path / "flow_map" / "student"))
+    assert pipe.config.default_num_inference_steps == 4
+    from diffusers_distill.evaluation import evaluate_pipeline
+
+    m = evaluate_pipeline(str(tmp_path / "flow_map" / "student"), steps=2, n_per_digit=2, seed=0)
+    assert m["digits_fd"] == pytest.approx(summary["rows"][-1]["digits_fd"], rel=1e-9)
+    with pytest.raises(ValueError, match="n_per_digit must be an integer >= 2"):
+        cli.stage_flow_map(str(tmp_path / "bad"), n_per_digit=1)

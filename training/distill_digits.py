@@ -31,6 +31,7 @@ __all__ = [
     "result_row",
     "results_markdown",
     "teacher_baselines",
+    "distill_digits_flow_map",
 ]
 
 TEACHER_STEPS = 25
@@ -301,4 +302,96 @@ def distill_digits_teacher(
         args = (real_guidance_scale, n_per_digit, seed, teacher_path)
         summary.update(evaluate_digits_student(output_dir, *args, grid_path=grid))
     atomic_write_json(os.path.join(output_dir, "metrics.json"), summary)
+    return summary
+
+
+FLOW_MAP_STEPS = (1, 2, 4, 8)
+
+
+def distill_digits_flow_map(
+    output_dir: str,
+    loss: str = "itvm",
+    max_train_steps: int = 1500,
+    train_batch_size: int = 16,
+    learning_rate: float = 2e-4,
+    guidance: float = 1.5,
+    ema_decay: float = 0.999,
+    target_ema_decay: float = 0.99,
+    seed: int = 0,
+    n_per_digit: int = 10,
+    steps: tuple[int, ...] = FLOW_MAP_STEPS,
+    evaluate: bool = True,
+) -> dict:
+    """Distil the bundled SD 1.5 digits teacher into one full flow-map student and measure it at every step count.
+
+    Trains with :func:`~diffusers_distill.training.flow_map.train_flow_map` on the real train-split digits (noised
+    to x_s; teacher velocity with CFG ``guidance`` distilled in) into ``<output_dir>/student``, a pipeline folder
+    that ``FlowMapStableDiffusionPipeline.from_pretrained`` loads. With ``evaluate``, it then samples that folder at
+    each of ``steps`` from the same seeded noise as the teacher rows of :func:`teacher_baselines` (DDIM trailing at
+    25 steps and at ``steps``, same guidance), and writes ``metrics.json`` and ``metrics.md`` (the
+    :func:`results_markdown` table) to ``output_dir``, with a sample grid per row. The defaults are the recipe of
+    docs/flow_maps.md ("Measured: the bundled SD 1.5 digits teacher"), about 13 CPU-minutes. Returns the summary:
+    ``training`` (wall/CPU seconds, global step, final loss) and, with ``evaluate``, ``rows``.
+    """
+    from diffusers_distill.digits import IMAGE_SIZE, digits_teacher_path
+    from diffusers_distill.evaluation import evaluate_pipeline
+
+    from .flow_map import FlowMapConfig, train_flow_map
+
+    if isinstance(n_per_digit, bool) or not isinstance(n_per_digit, int) or n_per_digit < 2:
+        raise ValueError(f"n_per_digit must be an integer >= 2 (digits-FD needs a covariance), got {n_per_digit!r}")
+    if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
+        raise ValueError(f"steps must be a non-empty sequence of ints >= 1, got {steps!r}")
+    data = os.path.join(output_dir, "data")
+    student_dir = os.path.join(output_dir, "student")
+    config = FlowMapConfig(
+        pretrained_teacher_model=digits_teacher_path("sd15"),
+        output_dir=student_dir,
+        prompt_file=os.path.join(data, "prompts.txt"),
+        train_data_dir=os.path.join(data, "images"),
+        resolution=IMAGE_SIZE,
+        loss=loss,
+        guidance_scale=guidance,
+        student_type="full",
+        train_batch_size=train_batch_size,
+        max_train_steps=max_train_steps,
+        learning_rate=learning_rate,
+        lr_scheduler="constant_with_warmup",
+        lr_warmup_steps=min(100, max_train_steps // 10),
+        max_grad_norm=1.0,
+        use_ema=True,
+        ema_decay=ema_decay,
+        target_ema_decay=target_ema_decay,
+        default_num_inference_steps=4,
+        seed=seed,
+        **_FIXED_OPTIONS,
+    )
+    write_digit_prompts(config.prompt_file)
+    write_digit_images(config.train_data_dir)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    result = train_flow_map(config)
+    training = {
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "cpu_seconds": round(time.process_time() - start_cpu, 1),  # this process's CPU time (all its threads)
+        "global_step": result["global_step"],
+        "final_loss": result["losses"][-1]["loss"] if result["losses"] else None,
+    }
+    summary = {"loss": loss, "training": training}
+    if evaluate:
+        rows, reference = teacher_baselines(output_dir, list(steps), guidance, n_per_digit, seed)
+        for count in steps:
+            m = evaluate_pipeline(
+                student_dir,
+                steps=count,
+                n_per_digit=n_per_digit,
+                seed=seed,
+                reference=reference,
+                grid_path=os.path.join(output_dir, f"student-{count}.png"),
+            )
+            first = count == steps[0]  # one student for every step count: its training time once
+            wall, cpu = (training["wall_seconds"], training["cpu_seconds"]) if first else (None, None)
+            rows.append(result_row(f"flow-map student ({loss})", m, wall, cpu))
+        summary["rows"] = rows
+        atomic_write_json(os.path.join(output_dir, "metrics.json"), summary)
+        atomic_write_text(os.path.join(output_dir, "metrics.md"), results_markdown(rows, rows[0]["digits_fd"]))
     return summary
