@@ -207,14 +207,28 @@ def stage_distill(output_dir: str, n_per_digit: int = 10, seed: int = 0, **overr
     """
     from .training.distill_digits import distill_digits_teacher
 
-    options = {**DEMO_DISTILL, **overrides}
-    summary = distill_digits_teacher(
-        os.path.join(output_dir, "dmd2_1step"), n_per_digit=n_per_digit, seed=seed, **options
+    return _distill_stage(
+        output_dir,
+        "dmd2_1step",
+        distill_digits_teacher,
+        DEMO_DISTILL,
+        distill_markdown,
+        "dmd2_metrics.md",
+        n_per_digit,
+        seed,
+        overrides,
     )
-    table = distill_markdown(summary)
-    atomic_write_text(os.path.join(output_dir, "dmd2_metrics.md"), table)
+
+
+def _distill_stage(output_dir, key, distill, defaults, markdown, table_name, n_per_digit, seed, overrides) -> dict:
+    """Run ``distill(<output_dir>/<key>, ...)`` with the stage's ``defaults`` updated by ``overrides``, write and
+    print its ``markdown`` table as ``table_name``; returns ``{key: summary}``."""
+    options = {**defaults, **overrides}
+    summary = distill(os.path.join(output_dir, key), n_per_digit=n_per_digit, seed=seed, **options)
+    table = markdown(summary)
+    atomic_write_text(os.path.join(output_dir, table_name), table)
     print(table, flush=True)
-    return {"dmd2_1step": summary}
+    return {key: summary}
 
 
 # The flow-map run (docs/flow_maps.md, "Measured: the bundled SD 1.5 digits teacher"): one full ITVM student,
@@ -231,14 +245,17 @@ def stage_flow_map(output_dir: str, n_per_digit: int = 10, seed: int = 0, **over
     """
     from .training.distill_digits import distill_digits_flow_map
 
-    options = {**DEMO_FLOW_MAP, **overrides}
-    summary = distill_digits_flow_map(
-        os.path.join(output_dir, "flow_map"), n_per_digit=n_per_digit, seed=seed, **options
+    return _distill_stage(
+        output_dir,
+        "flow_map",
+        distill_digits_flow_map,
+        DEMO_FLOW_MAP,
+        flow_map_markdown,
+        "flow_map_metrics.md",
+        n_per_digit,
+        seed,
+        overrides,
     )
-    table = flow_map_markdown(summary)
-    atomic_write_text(os.path.join(output_dir, "flow_map_metrics.md"), table)
-    print(table, flush=True)
-    return {"flow_map": summary}
 
 
 def flow_map_markdown(summary: dict) -> str:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers.utils import DummyObject
 
-from diffusers_distill import GHVBScheduler
+from diffusers_distill import GHVBScheduler, TwoTimedFlowMapScheduler
 from diffusers_distill.testing import momentum_scheduler_classes
 
 VP_CLASSES = momentum_scheduler_classes("vp")
@@ -275,9 +275,10 @@ def test_set_timesteps_resets_history_momentum_and_indices(cls):
     assert scheduler.step_index == 8 and scheduler.begin_index is None
 
 
-@pytest.mark.parametrize("cls", ALL_CLASSES)
+@pytest.mark.parametrize("cls", [*ALL_CLASSES, TwoTimedFlowMapScheduler])
 def test_set_begin_index_rejects_what_no_schedule_has(cls):
-    """A bad begin_index fails at once with the allowed range, not as an IndexError in the middle of sampling."""
+    """A bad begin_index fails at once with the allowed range, not as an IndexError in the middle of sampling
+    (schedulers/state.py, shared by every scheduler of the package)."""
     scheduler = cls()
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="`begin_index` must be an int >= 0"):
@@ -287,6 +288,7 @@ def test_set_begin_index_rejects_what_no_schedule_has(cls):
         scheduler.set_begin_index(5)
     scheduler.set_begin_index(np.int64(2))
     assert scheduler.begin_index == 2 and type(scheduler.begin_index) is int
+    scheduler.set_begin_index(4)  # strength ~ 0 in img2img: nothing left to denoise, still a valid state
 
 
 @pytest.mark.parametrize(("cls", "option"), CLASS_OPTIONS, ids=CLASS_OPTION_IDS)
