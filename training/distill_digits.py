@@ -334,7 +334,6 @@ def distill_digits_flow_map(
     ``training`` (wall/CPU seconds, global step, final loss) and, with ``evaluate``, ``rows``.
     """
     from diffusers_distill.digits import IMAGE_SIZE, digits_teacher_path
-    from diffusers_distill.evaluation import evaluate_pipeline
 
     from .flow_map import FlowMapConfig, train_flow_map
 
@@ -378,20 +377,28 @@ def distill_digits_flow_map(
     }
     summary = {"loss": loss, "training": training}
     if evaluate:
-        rows, reference = teacher_baselines(output_dir, list(steps), guidance, n_per_digit, seed)
-        for count in steps:
-            m = evaluate_pipeline(
-                student_dir,
-                steps=count,
-                n_per_digit=n_per_digit,
-                seed=seed,
-                reference=reference,
-                grid_path=os.path.join(output_dir, f"student-{count}.png"),
-            )
-            first = count == steps[0]  # one student for every step count: its training time once
-            wall, cpu = (training["wall_seconds"], training["cpu_seconds"]) if first else (None, None)
-            rows.append(result_row(f"flow-map student ({loss})", m, wall, cpu))
-        summary["rows"] = rows
+        summary["rows"] = _evaluate_flow_map_student(output_dir, loss, training, steps, guidance, n_per_digit, seed)
         atomic_write_json(os.path.join(output_dir, "metrics.json"), summary)
+        rows = summary["rows"]
         atomic_write_text(os.path.join(output_dir, "metrics.md"), results_markdown(rows, rows[0]["digits_fd"]))
     return summary
+
+
+def _evaluate_flow_map_student(output_dir, loss, training, steps, guidance, n_per_digit, seed) -> list[dict]:
+    """The teacher rows, then ``<output_dir>/student`` at each step count from the same noise (grids alongside)."""
+    from diffusers_distill.evaluation import evaluate_pipeline
+
+    rows, reference = teacher_baselines(output_dir, list(steps), guidance, n_per_digit, seed)
+    for count in steps:
+        m = evaluate_pipeline(
+            os.path.join(output_dir, "student"),
+            steps=count,
+            n_per_digit=n_per_digit,
+            seed=seed,
+            reference=reference,
+            grid_path=os.path.join(output_dir, f"student-{count}.png"),
+        )
+        first = count == steps[0]  # one student for every step count: its training time once
+        wall, cpu = (training["wall_seconds"], training["cpu_seconds"]) if first else (None, None)
+        rows.append(result_row(f"flow-map student ({loss})", m, wall, cpu))
+    return rows
