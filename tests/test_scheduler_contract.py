@@ -289,6 +289,7 @@ def test_set_begin_index_rejects_what_no_schedule_has(cls):
     scheduler.set_begin_index(np.int64(2))
     assert scheduler.begin_index == 2 and type(scheduler.begin_index) is int
     scheduler.set_begin_index(4)  # strength ~ 0 in img2img: nothing left to denoise, still a valid state
+    assert scheduler.begin_index == 4
 
 
 @pytest.mark.parametrize(("cls", "option"), CLASS_OPTIONS, ids=CLASS_OPTION_IDS)
