@@ -22,8 +22,8 @@ import sys
 
 import torch
 
-STEPS = (1, 2, 4, 8)
-TEACHER_STEPS = 25
+from diffusers_distill.training.distill_digits import FLOW_MAP_STEPS as STEPS
+from diffusers_distill.training.distill_digits import TEACHER_STEPS
 
 
 def _real_data_floor(n_per_digit: int) -> dict:
@@ -31,15 +31,16 @@ def _real_data_floor(n_per_digit: int) -> dict:
     reference): what a perfect generator scores with this many images."""
     from diffusers_distill.digits import load_digits_split
     from diffusers_distill.evaluation import digits_fd, prompt_accuracy
+    from diffusers_distill.training.distill_digits import result_row
 
     images, labels = load_digits_split("train")
     picked = torch.cat([torch.nonzero(labels == d).flatten()[:n_per_digit] for d in range(10)])
-    return {
+    metrics = {
         "steps": "-",
         "prompt_accuracy": prompt_accuracy(images[picked], labels[picked]),
         "digits_fd": digits_fd(images[picked]),
-        "psnr": None,
     }
+    return result_row("real digits (train split), the floor", metrics)
 
 
 def _plot(rows: list[dict], path: str) -> None:
@@ -52,7 +53,9 @@ def _plot(rows: list[dict], path: str) -> None:
 
     figure, axis = plt.subplots(figsize=(5, 3.5))
     for name in ("teacher DDIM", "flow-map student"):
-        points = [(r["steps"], r["digits_fd"]) for r in rows if r["model"].startswith(name) and r["steps"] != 25]
+        points = [
+            (r["steps"], r["digits_fd"]) for r in rows if r["model"].startswith(name) and r["steps"] != TEACHER_STEPS
+        ]
         axis.plot(*zip(*points), marker="o", label=name)
     reference = next(r["digits_fd"] for r in rows if r["steps"] == TEACHER_STEPS)
     floor = next(r["digits_fd"] for r in rows if r["model"].startswith("real"))
@@ -72,21 +75,6 @@ def _plot(rows: list[dict], path: str) -> None:
         figure.savefig(tmp, dpi=120)
 
 
-def _markdown(rows: list[dict], reference_fd: float) -> str:
-    lines = [
-        "| model | steps | prompt acc. | digits-FD | FD / teacher@25 | PSNR vs teacher@25 (dB) | training |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        psnr = "-" if r.get("psnr") is None else f"{r['psnr']:.1f}"
-        train = r.get("training", "-")
-        lines.append(
-            f"| {r['model']} | {r['steps']} | {r['prompt_accuracy']:.3f} | {r['digits_fd']:.2f} | "
-            f"{r['digits_fd'] / reference_fd:.2f}x | {psnr} | {train} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loss", default="itvm", choices=["itvm", "lfmd", "meanflow", "progressive"])
@@ -104,9 +92,12 @@ def main(argv=None):
     if args.max_train_steps < 1 or args.n_per_digit < 1:
         parser.error("--max_train_steps and --n_per_digit must be >= 1")
     torch.set_num_threads(1)
-    from diffusers_distill.evaluation import evaluate_pipeline
     from diffusers_distill.fileio import atomic_write_json, atomic_write_text
-    from diffusers_distill.training.distill_digits import distill_digits_flow_map, teacher_baselines
+    from diffusers_distill.training.distill_digits import (
+        distill_digits_flow_map,
+        evaluate_digits_flow_map,
+        results_markdown,
+    )
 
     os.makedirs(args.output_dir, exist_ok=True)
     training_path = os.path.join(args.output_dir, "training.json")
@@ -128,22 +119,12 @@ def main(argv=None):
         )["training"]
         atomic_write_json(training_path, training)
 
-    rows, reference = teacher_baselines(args.output_dir, STEPS, args.guidance, args.n_per_digit, args.seed)
-    minutes = f"{training['cpu_seconds'] / 60:.1f} CPU min ({training['wall_seconds'] / 60:.1f} min wall)"
-    for steps in STEPS:  # the exported folder, loaded as a user would (evaluation uses its pipeline class)
-        m = evaluate_pipeline(
-            os.path.join(args.output_dir, "student"),
-            steps=steps,
-            n_per_digit=args.n_per_digit,
-            seed=args.seed,
-            reference=reference,
-            grid_path=os.path.join(args.output_dir, f"student-{steps}.png"),
-        )
-        row = {k: m.get(k) for k in ("steps", "prompt_accuracy", "digits_fd", "psnr")}
-        rows.append({"model": f"flow-map student ({args.loss})", **row, "training": minutes})
-    rows.append({"model": "real digits (train split), the floor", **_real_data_floor(args.n_per_digit)})
+    rows = evaluate_digits_flow_map(
+        args.output_dir, args.loss, training, STEPS, args.guidance, args.n_per_digit, args.seed
+    )
+    rows.append(_real_data_floor(args.n_per_digit))
     reference_fd = rows[0]["digits_fd"]
-    table = _markdown(rows, reference_fd)
+    table = results_markdown(rows, reference_fd)
     header = (
         f"Flow-map ({args.loss}) student of the bundled SD 1.5 digits teacher: {training['global_step']} iterations, "
         f"batch {args.train_batch_size}, lr {args.learning_rate:g}, teacher CFG {args.guidance:g}, target EMA "

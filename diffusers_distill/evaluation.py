@@ -406,13 +406,17 @@ def _flow_map_sampling(default_steps: int, config_file: str) -> StudentSampling:
     return StudentSampling("flow_map", int(default_steps), None, 0.0, config_file)
 
 
-def _read_flow_map_pipeline_index(path: str) -> StudentSampling | None:
-    """A saved flow-map pipeline folder: its ``model_index.json`` names the pipeline class and the default steps."""
+def _flow_map_pipeline_index(path: str) -> dict | None:
+    """A ``model_index.json`` that names one of our flow-map pipeline classes, read; None for any other."""
     with open(path, encoding="utf-8") as f:
         index = json.load(f)
-    if index.get("_class_name") not in FLOW_MAP_PIPELINES:
-        return None
-    return _flow_map_sampling(index["default_num_inference_steps"], path)
+    return index if index.get("_class_name") in FLOW_MAP_PIPELINES else None
+
+
+def _read_flow_map_pipeline_index(path: str) -> StudentSampling | None:
+    """A saved flow-map pipeline folder: its ``model_index.json`` names the pipeline class and the default steps."""
+    index = _flow_map_pipeline_index(path)
+    return None if index is None else _flow_map_sampling(index["default_num_inference_steps"], path)
 
 
 def _read_flow_map_lora_config(path: str) -> StudentSampling:
@@ -488,11 +492,11 @@ def load_pipeline(pipe_or_path, base_model: str | None = None):
     if os.path.isdir(path):
         index = os.path.join(path, "model_index.json")
         if os.path.isfile(index):
-            if _read_flow_map_pipeline_index(index) is not None:  # our class, which diffusers cannot resolve by name
+            flow_map_index = _flow_map_pipeline_index(index)
+            if flow_map_index is not None:  # our class, which diffusers cannot resolve by name
                 from diffusers_distill.pipelines import pipeline_flow_map
 
-                with open(index, encoding="utf-8") as f:
-                    cls = getattr(pipeline_flow_map, json.load(f)["_class_name"])
+                cls = getattr(pipeline_flow_map, flow_map_index["_class_name"])
                 return cls.from_pretrained(path, local_files_only=True)
             return DiffusionPipeline.from_pretrained(path, local_files_only=True)
         if os.path.isfile(os.path.join(path, "student_config.json")):

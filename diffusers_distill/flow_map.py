@@ -42,6 +42,7 @@ from torch import nn
 
 from .constants import DEFAULT_LORA_TARGET_MODULES
 from .gaussian_mixture import classifier_free_guidance
+from .teacher import pipeline_arch
 
 __all__ = [
     "FlowMapUNet",
@@ -403,7 +404,6 @@ def save_flow_map_lora_student(
       ``"sdxl"``, from ``pipeline_class``) and ``base_model`` (the teacher's Hub id or path, when given), which
       :func:`diffusers_distill.evaluation.load_pipeline` loads the folder onto.
     """
-    import inspect
     import json
     import os
 
@@ -447,7 +447,7 @@ def save_flow_map_lora_student(
             "time_cond_proj_dim": int(student.config.time_cond_proj_dim),
             "default_num_inference_steps": default_num_inference_steps,
             "scheduler": scheduler_config,
-            "arch": "sdxl" if "text_encoder_2" in inspect.signature(pipeline_class.__init__).parameters else "sd15",
+            "arch": pipeline_arch(pipeline_class),
             "base_model": None if base_model is None else os.fspath(base_model),
         }
         with open(os.path.join(staging, FLOW_MAP_CONFIG_NAME), "w", encoding="utf-8") as f:

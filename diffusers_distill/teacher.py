@@ -32,7 +32,11 @@ UNCONDITIONAL_CHOICES = ("auto", "empty", "zeros")
 
 
 def pipeline_arch(pipeline) -> str:
-    """``"sdxl"`` for a pipeline with a second text encoder, else ``"sd15"``."""
+    """``"sdxl"`` for a pipeline with a second text encoder (or a pipeline class that takes one), else ``"sd15"``."""
+    if isinstance(pipeline, type):
+        import inspect
+
+        return "sdxl" if "text_encoder_2" in inspect.signature(pipeline.__init__).parameters else "sd15"
     return "sdxl" if getattr(pipeline, "text_encoder_2", None) is not None else "sd15"
 
 

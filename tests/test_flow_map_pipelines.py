@@ -1,6 +1,7 @@
 """Flow-map pipelines: the loop calls the student with both times, defaults come from the saved folder, and a saved
 pipeline gives the same images after from_pretrained in a fresh process."""
 
+import json
 import os
 import subprocess
 import sys
@@ -138,6 +139,8 @@ def test_lora_student_loads_into_the_teacher_pipeline_in_a_fresh_process(arch, t
         shift=2.0,
         gamma=0.2,
     )
+    saved = json.loads((tmp_path / "student" / "flow_map_config.json").read_text())
+    assert (saved["arch"], saved["base_model"]) == (arch, None)  # evaluation.load_pipeline picks the class by it
     reference = cls.from_teacher(
         teacher,
         merge_flow_map_student(student),

@@ -32,6 +32,7 @@ __all__ = [
     "results_markdown",
     "teacher_baselines",
     "distill_digits_flow_map",
+    "evaluate_digits_flow_map",
 ]
 
 TEACHER_STEPS = 25
@@ -377,15 +378,17 @@ def distill_digits_flow_map(
     }
     summary = {"loss": loss, "training": training}
     if evaluate:
-        summary["rows"] = _evaluate_flow_map_student(output_dir, loss, training, steps, guidance, n_per_digit, seed)
+        summary["rows"] = evaluate_digits_flow_map(output_dir, loss, training, steps, guidance, n_per_digit, seed)
         atomic_write_json(os.path.join(output_dir, "metrics.json"), summary)
         rows = summary["rows"]
         atomic_write_text(os.path.join(output_dir, "metrics.md"), results_markdown(rows, rows[0]["digits_fd"]))
     return summary
 
 
-def _evaluate_flow_map_student(output_dir, loss, training, steps, guidance, n_per_digit, seed) -> list[dict]:
-    """The teacher rows, then ``<output_dir>/student`` at each step count from the same noise (grids alongside)."""
+def evaluate_digits_flow_map(output_dir, loss, training, steps, guidance, n_per_digit, seed) -> list[dict]:
+    """:func:`teacher_baselines`, then the flow-map student folder ``<output_dir>/student`` (loaded by evaluation
+    with its own pipeline class) at each of ``steps`` from the same noise, with grids alongside; ``training``
+    (``wall_seconds``, ``cpu_seconds``) goes on the first student row. Returns :func:`result_row` rows."""
     from diffusers_distill.evaluation import evaluate_pipeline
 
     rows, reference = teacher_baselines(output_dir, list(steps), guidance, n_per_digit, seed)
