@@ -72,6 +72,12 @@ def main(argv=None):
         default=False,
         help="N-step students: the fake score is conditioned on the generator step",
     )
+    parser.add_argument(
+        "--teacher_regression_from_step",
+        type=int,
+        default=None,
+        help="students with more steps than K: steps k >= K (0-based) regress onto the teacher's CFG x0 (ours)",
+    )
     parser.add_argument("--sequential", action="store_true", help="train the students one after the other")
     parser.add_argument("--output_dir", default="outputs/benchmarks/dmd2_quality")
     args = parser.parse_args(argv)
@@ -81,6 +87,9 @@ def main(argv=None):
         raise ValueError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     if args.gan_loss_weight < 0:
         raise ValueError(f"--gan_loss_weight must be >= 0, got {args.gan_loss_weight}")
+    regression = args.teacher_regression_from_step
+    if regression is not None and regression < 1:
+        raise ValueError(f"--teacher_regression_from_step must be >= 1, got {regression}")
     torch.set_num_threads(1)
     from diffusers_distill.evaluation import evaluate_pipeline
     from diffusers_distill.fileio import atomic_write_json, atomic_write_text
@@ -105,6 +114,7 @@ def main(argv=None):
             ema_decay=args.ema_decay,
             dm_timesteps_below_input=args.dm_timesteps_below_input and n > 1,
             fake_score_step_conditioning=args.fake_score_step_conditioning and n > 1,
+            teacher_regression_from_step=regression if regression is not None and n > regression else None,
         )
         for n in args.student_steps
     ]
@@ -137,7 +147,8 @@ def main(argv=None):
         f"{args.train_batch_size}, lr {args.learning_rate:g} (fake score {args.fake_score_learning_rate:g}), "
         f"TTUR {args.dfake_gen_update_ratio}, real CFG {args.guidance:g}, GAN weight {args.gan_loss_weight:g}, "
         f"{ema}; N-step: DM timesteps below the step input {args.dm_timesteps_below_input}, step-conditioned "
-        f"fake score {args.fake_score_step_conditioning}; {10 * args.n_per_digit} images (seed {args.seed}); CPU, "
+        f"fake score {args.fake_score_step_conditioning}, teacher regression from step {regression}; "
+        f"{10 * args.n_per_digit} images (seed {args.seed}); CPU, "
         "1 thread per training."
     )
     print(header + "\n\n" + table, end="")

@@ -16,6 +16,7 @@ __all__ = [
     "fake_score_loss",
     "gan_generator_loss",
     "gan_discriminator_loss",
+    "teacher_regression_loss",
 ]
 
 
@@ -43,6 +44,12 @@ def distribution_matching_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake:
     grad = distribution_matching_gradient(x0.detach(), x0_real.detach(), x0_fake.detach())
     target = (x0.detach().float() - grad).detach()
     return 0.5 * F.mse_loss(x0.float(), target, reduction="mean")
+
+
+def teacher_regression_loss(x0: torch.Tensor, x0_teacher: torch.Tensor) -> torch.Tensor:
+    """MSE of the generator's x0 to the teacher's (CFG) x0 prediction at the same input: guidance distillation of
+    one sampling step (ours; used for the late steps of N-step students, docs/dmd2.md)."""
+    return F.mse_loss(x0.float(), x0_teacher.detach().float(), reduction="mean")
 
 
 def fake_score_loss(model_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,12 @@ generator_timesteps = dmd2_timesteps  # the student's fixed timestep list (kept 
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    """GroupNorm with 32 groups (DMD2's head), fewer when a group would hold a single channel: the head's norms after
+    its last conv see 1x1 maps, where a one-channel group normalises every value to zero (a constant logit)."""
+    groups = math.gcd(32, channels)
+    while groups > 1 and channels // groups < 2:
+        groups //= 2
+    return nn.GroupNorm(groups, channels)
 
 
 class GANHead(nn.Module):

@@ -108,6 +108,11 @@ def test_config_validation_errors(tmp_path):
         (dict(base, pretrained_teacher_model=str(tmp_path)), "not a diffusers pipeline folder"),
         (dict(base, push_to_hub=True, hub_model_id="a/b/c"), "--hub_model_id must look like"),
         (dict(base, enable_xformers_memory_efficient_attention=True), "needs the xformers package"),
+        (
+            dict(base, num_inference_steps=4, teacher_regression_from_step=0),
+            r"--teacher_regression_from_step must be in \[1, 3\] .*got 0",
+        ),
+        (dict(base, teacher_regression_from_step=1), r"needs a multi-step student \(--num_inference_steps >= 2\)"),
     ]
     for values, message in cases:
         with pytest.raises(ConfigError, match=message):
@@ -358,7 +363,7 @@ def test_generator_step_updates_only_the_generator(dmd2_parts):
     config, accelerator, parts, _ = dmd2_parts
     data = TrainingData(["a cat", "a dog"])
     rng = torch.Generator().manual_seed(0)
-    x0, cond, _ = dmd2_module.generator_forward(parts, config, accelerator, data, rng, rng, with_grad=True)
+    x0, cond, _, _ = dmd2_module.generator_forward(parts, config, accelerator, data, rng, rng, with_grad=True)
     assert x0.shape == (2, 4, 32, 32) and x0.requires_grad
     logs = dmd2_module.generator_step(parts, config, accelerator, x0, cond, rng)
     assert set(logs) == {"loss_dm"} and math.isfinite(logs["loss_dm"].item())
@@ -387,6 +392,28 @@ def test_dm_timesteps_below_the_step_input(dmd2_parts, monkeypatch, below_input,
     x0 = torch.randn(2, 4, 32, 32, requires_grad=True)
     dmd2_module.generator_step(parts, config, accelerator, x0, parts.embed(["a", "b"]), torch.Generator(), k)
     assert drawn[0] == (20, highest + 1)
+
+
+def test_late_steps_regress_onto_the_teacher(dmd2_parts):
+    """--teacher_regression_from_step 2: steps 2 and 3 of a 4-step student regress x0 onto the teacher's CFG x0 at
+    the step's own input (no DM loss); step 1 keeps the DM loss; only the generator gets gradients."""
+    from diffusers_distill.teacher import guided_x0
+
+    config, accelerator, parts, _ = dmd2_parts
+    config = dataclasses.replace(config, num_inference_steps=4, teacher_regression_from_step=2)
+    cond = parts.embed(["a cat", "a dog"])
+    x_t, t = torch.randn(2, 4, 32, 32), torch.full((2,), 499)
+    with torch.no_grad(), parts.networks.role("real_score") as teacher:
+        uncond = parts.prompt_encoder.unconditional_embeddings(cond)
+        x0_teacher = guided_x0(teacher, parts.schedule, x_t, t, cond, uncond, config.real_guidance_scale)
+    x0 = (x0_teacher + 0.5).requires_grad_(True)  # 0.5 away from the teacher everywhere: MSE 0.25
+    logs = dmd2_module.generator_step(parts, config, accelerator, x0, cond, torch.Generator(), 2, (x_t, t))
+    assert set(logs) == {"loss_teacher_regression"}
+    assert logs["loss_teacher_regression"].item() == pytest.approx(0.25, rel=1e-5)
+    assert all(p.grad is None for p in parts.networks.parameters_of("fake_score"))
+    x0 = torch.randn(2, 4, 32, 32, requires_grad=True)
+    logs = dmd2_module.generator_step(parts, config, accelerator, x0, cond, torch.Generator(), 1, (x_t, t))
+    assert set(logs) == {"loss_dm"}
 
 
 def test_fake_score_step_regresses_the_denoising_target(dmd2_parts):
@@ -902,10 +929,16 @@ def randint(low, high, size, generator, device):
 def sample_prompts(self, batch_size, generator):
     return sample(self, batch_size * world, generator)[rank * batch_size : (rank + 1) * batch_size]
 
+def sample_images(self, batch_size, generator, *args, **kwargs):
+    images, captions = sample_all_images(self, batch_size * world, generator, *args, **kwargs)
+    return images[rank * batch_size : (rank + 1) * batch_size], captions[rank * batch_size : (rank + 1) * batch_size]
+
 dmd2_randn, dmd2_randint, sample = dmd2.randn, dmd2.randint, data.TrainingData.sample_prompts
+sample_all_images = data.TrainingData.sample_images
 dmd2.randn = students.randn = randn
 dmd2.randint = randint
 data.TrainingData.sample_prompts = sample_prompts
+data.TrainingData.sample_images = sample_images
 sys.exit(train_dmd2.main(sys.argv[1:]))
 """
 
@@ -956,3 +989,116 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
     if before is not None:  # the full student did train
         assert any(not torch.equal(one[key], before[key]) for key in one)
+
+
+# accelerate switches to FSDP only on accelerators (its MULTI_CPU branch never does), while torch's FSDP2 runs on
+# CPU with gloo. This sitecustomize (put on PYTHONPATH of the launched processes only) makes accelerate's backend
+# choice report MULTI_GPU with the gloo backend, so an FSDP config takes accelerate's real FSDP2 path (its prepare,
+# fully_shard wrapping, FSDP checkpoint files) on CPU; ACCELERATE_TORCH_DEVICE=cpu keeps the tensors on the CPU.
+FORCE_CPU_FSDP = """
+import os
+import accelerate.state
+from accelerate.utils import DistributedType
+
+_prepare_backend = accelerate.state.PartialState._prepare_backend
+
+def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+    if int(os.environ.get("LOCAL_RANK", -1)) != -1:
+        return "gloo", DistributedType.MULTI_GPU
+    return _prepare_backend(self, cpu, sagemaker_dp, backend)
+
+accelerate.state.PartialState._prepare_backend = prepare_backend
+"""
+
+
+def fsdp_launcher(tmp_path):
+    """``(command prefix, environment)`` that launch 2 processes with the documented FSDP config on CPU (each call
+    of the prefix gets a fresh port)."""
+    import yaml
+
+    with open(os.path.join(CONFIGS, "accelerate_fsdp.yaml")) as f:
+        fsdp_config = yaml.safe_load(f)
+    assert fsdp_config["distributed_type"] == "FSDP" and fsdp_config["fsdp_config"]["fsdp_version"] == 2
+    fsdp_config.update(num_processes=2, mixed_precision="no")
+    (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(fsdp_config))
+    (tmp_path / "site").mkdir(exist_ok=True)
+    (tmp_path / "site" / "sitecustomize.py").write_text(FORCE_CPU_FSDP)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1"]
+    command += ["--config_file", str(tmp_path / "fsdp.yaml"), "--main_process_port"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_TORCH_DEVICE": "cpu"}
+    return command, {**env, "PYTHONPATH": str(tmp_path / "site")}
+
+
+@pytest.mark.slow
+def test_fsdp_refuses_lora_layouts_and_flow_maps(sd15_pipeline_dir, data_dir, tmp_path):
+    """Under FSDP, a LoRA layout (DMD2) and the flow-map trainer stop at start with a message naming what to use."""
+    command, env = fsdp_launcher(tmp_path)
+    teacher = ["--pretrained_teacher_model", sd15_pipeline_dir, "--prompt_file", os.path.join(data_dir, "prompts.txt")]
+    dmd2 = [os.path.join(REPO, "training", "train_dmd2.py"), *teacher, "--output_dir", str(tmp_path / "lora")]
+    result = subprocess.run([*command, str(free_port()), *dmd2], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode != 0 and "FSDP (an accelerate FSDP config) needs the full layouts" in result.stderr
+    assert "got --student_type lora --fake_score_type lora" in result.stderr
+    flow_map = [os.path.join(REPO, "training", "train_flow_map.py"), *teacher, "--output_dir", str(tmp_path / "fm")]
+    result = subprocess.run(
+        [*command, str(free_port()), *flow_map], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode != 0 and "train_flow_map supports DDP" in result.stderr
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_ddp(sd15_pipeline_dir, data_dir, accelerate_configs, tmp_path):
+    """The documented FSDP config (training/configs/accelerate_fsdp.yaml: FSDP2, each role its own root) trains the
+    full layout to the same student as DDP: 2 processes x batch 2 (gloo), 4-step student, GAN terms, EMA,
+    gradient accumulation 2, a validation grid. Its checkpoint resumes exactly, and the export loads with plain
+    diffusers."""
+    from diffusers import UNet2DConditionModel
+
+    fsdp_command, fsdp_env = fsdp_launcher(tmp_path)
+    worker = tmp_path / "worker.py"
+    worker.write_text(GLOBAL_BATCH_WORKER)
+    common = ["--pretrained_teacher_model", sd15_pipeline_dir, "--prompt_file", os.path.join(data_dir, "prompts.txt")]
+    common += ["--train_data_dir", data_dir, "--max_train_steps", "3", "--num_inference_steps", "4", *TINY]
+    common += ["--gradient_accumulation_steps", "2", "--student_type", "full", "--fake_score_type", "full"]
+    common += ["--generator_gan_loss_weight", "0.5", "--fake_score_gan_loss_weight", "0.5", "--use_ema"]
+    common += ["--checkpointing_steps", "2", "--validation_prompts", "a dog", "--validation_steps", "3"]
+    common += ["--adam_epsilon", "1e-3"]  # see the DDP test
+
+    def run(name, engine, *extra):
+        if engine == "fsdp":
+            command, env = [*fsdp_command, str(free_port())], fsdp_env
+        else:
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1"]
+            command += ["--config_file", accelerate_configs[1], "--main_process_port", str(free_port())]
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+        out = tmp_path / name
+        command += ["--num_processes", "2", str(worker), *common, "--output_dir", str(out), *extra]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        return out, result.stderr
+
+    def student(path):
+        return UNet2DConditionModel.from_pretrained(str(path / "unet")).state_dict()
+
+    fsdp, log = run("fsdp", "fsdp")
+    assert "Saving FSDP model" in log  # accelerate's FSDP path ran, not DDP
+    assert {"pytorch_model_fsdp.bin", "pytorch_model_fsdp_1.bin", "ema_generator.safetensors"} <= set(
+        os.listdir(fsdp / "checkpoint-2")
+    )
+    assert (fsdp / "validation" / "step-3.png").is_file()
+    ddp, _ = run("ddp", "ddp")
+    for a, b in zip(read_losses(fsdp), read_losses(ddp), strict=True):
+        assert a.keys() == b.keys() and a["step"] == b["step"]
+        for name in a:
+            assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-6), name
+    fsdp_student, ddp_student = student(fsdp), student(ddp)
+    assert fsdp_student.keys() == ddp_student.keys()
+    for key in ddp_student:
+        torch.testing.assert_close(fsdp_student[key], ddp_student[key], rtol=1e-4, atol=1e-5)
+    # resume from the FSDP checkpoint (weights, optimizers, EMA) in a new folder: the same last step, same student
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(fsdp / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed, _ = run("resumed", "fsdp", "--resume_from_checkpoint", "latest")
+    assert read_losses(resumed) == read_losses(fsdp)[2:]
+    resumed_student = student(resumed)
+    for key in fsdp_student:
+        torch.testing.assert_close(resumed_student[key], fsdp_student[key], rtol=0, atol=0)

@@ -34,6 +34,7 @@ __all__ = [
     "decode_latents",
     "ema_weights",
     "encode_images",
+    "full_state_dict",
     "load_ema_state",
     "load_teacher_pipeline",
     "load_training_data",
@@ -50,6 +51,7 @@ __all__ = [
     "save_validation_grid",
     "setup_logging",
     "step_generator",
+    "uses_fsdp",
 ]
 
 logger = logging.getLogger(__name__)
@@ -113,6 +115,27 @@ def make_accelerator(config: TrainingConfig, find_unused_parameters: bool = Fals
     if accelerator.is_main_process:
         os.makedirs(config.output_dir, exist_ok=True)
     return accelerator
+
+
+def uses_fsdp(accelerator) -> bool:
+    """Whether accelerate shards the prepared networks with FSDP (an ``accelerate launch`` FSDP config)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from an FSDP-sharded ``DTensor`` (a collective: every process must call it) or a tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with FSDP shards gathered into full CPU tensors. Under FSDP every process must call
+    it (it all-gathers); written by hand because torch's ``get_model_state_dict`` expects the FSDP root, while the
+    exports and checkpoints here need one role's UNet."""
+    return {name: _full(value).detach().cpu() for name, value in module.state_dict().items()}
 
 
 def weight_dtype(accelerator) -> torch.dtype:
@@ -232,7 +255,14 @@ def apply_gradients(accelerator, optimizer, params, max_grad_norm: float) -> boo
     """
     if not accelerator.sync_gradients:
         return False
-    accelerator.clip_grad_norm_(params, max_grad_norm)
+    if uses_fsdp(accelerator):
+        # torch's clipping handles FSDP's sharded gradients itself. accelerate's clip_grad_norm_ is not used here: it
+        # finds the model by comparing parameter lists with ==, which raises for two models with as many parameters
+        # (the generator's and the fake score's full UNets).
+        accelerator.unscale_gradients()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return True
@@ -261,15 +291,27 @@ def ema_weights(ema, params):
         ema.restore(params)
 
 
-def save_ema_state(ema, path: str) -> None:
+def save_ema_state(ema, path: str | None) -> None:
     """diffusers' ``EMAModel`` shadow weights as safetensors (registering the EMA for accelerate's checkpointing
-    would pickle it; checkpoints here are safetensors only)."""
+    would pickle it; checkpoints here are safetensors only). Under FSDP every process calls this (the shards are
+    gathered) and only the one given a ``path`` writes."""
     from safetensors.torch import save_file
 
-    shadow = {f"shadow.{i}": p.detach().contiguous() for i, p in enumerate(ema.shadow_params)}
+    shadow = {f"shadow.{i}": _full(p).detach().contiguous() for i, p in enumerate(ema.shadow_params)}
+    if path is None:
+        return
     metadata = {"optimization_step": str(ema.optimization_step), "decay": str(ema.decay)}
     with atomic_path(path) as tmp:
         save_file(shadow, tmp, metadata=metadata)
+
+
+def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out as ``like``: this process's FSDP shard when ``like`` is a ``DTensor``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(like, DTensor):
+        return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
+    return full
 
 
 def load_ema_state(ema, path: str) -> None:
@@ -279,7 +321,7 @@ def load_ema_state(ema, path: str) -> None:
         raise ValueError(f"--use_ema is set but the checkpoint has no {os.path.basename(path)}: {path}")
     with safe_open(path, framework="pt", device=str(ema.shadow_params[0].device)) as f:
         for i, p in enumerate(ema.shadow_params):
-            p.copy_(f.get_tensor(f"shadow.{i}"))
+            p.copy_(_shard_like(f.get_tensor(f"shadow.{i}"), p))
         ema.optimization_step = int(f.metadata()["optimization_step"])
 
 
@@ -440,10 +482,13 @@ def train_loop(
         accelerator.log({**record, "lr": current_lr()}, step=step + 1)
         if (step + 1) % config.checkpointing_steps == 0:
             last_checkpoint = save_checkpoint(accelerator, config.output_dir, step + 1, config.checkpoints_total_limit)
-        if config.validation_prompts and (step + 1) % config.validation_steps == 0 and accelerator.is_main_process:
+        # FSDP: every process samples (the sharded weights are all-gathered), the main one saves
+        sampling = accelerator.is_main_process or uses_fsdp(accelerator)
+        if config.validation_prompts and (step + 1) % config.validation_steps == 0 and sampling:
             with ema_weights(ema, ema_params):
                 images = validation_images()
-            save_validation_grid(accelerator, images, config.validation_prompts, config.output_dir, step + 1)
+            if accelerator.is_main_process:
+                save_validation_grid(accelerator, images, config.validation_prompts, config.output_dir, step + 1)
     return history
 
 
@@ -509,15 +554,20 @@ def start_tracking(config: TrainingConfig, accelerator, prompt_cache: PromptCach
     prompt_cache.warm_up(prompts)
 
 
-def finish_run(config: TrainingConfig, accelerator, parts, data, history: list, start_step: int, export) -> dict:
+def finish_run(
+    config: TrainingConfig, accelerator, parts, data, history: list, start_step: int, export, gather=None
+) -> dict:
     """Step 9: after every process has finished, the main process warns about skipped images and runs ``export()``
-    (the student saved with its EMA weights, and uploaded); then the run ends (:func:`end_training`). Returns
-    ``{"global_step", "losses", "output_dir", "num_skipped_images", "num_processes"}``."""
+    (the student saved with its EMA weights, and uploaded); then the run ends (:func:`end_training`). With
+    ``gather``, every process first calls ``gather()`` (under FSDP: all-gather the student's shards) and the main
+    process runs ``export(gather())``. Returns ``{"global_step", "losses", "output_dir", "num_skipped_images",
+    "num_processes"}``."""
     accelerator.wait_for_everyone()
+    gathered = gather() if gather is not None else None
     if accelerator.is_main_process:
         if data.num_skipped_images:
             logger.warning("skipped %d unreadable images", data.num_skipped_images)
-        export()
+        export() if gather is None else export(gathered)
     end_training(accelerator, parts)
     return {
         "global_step": history[-1]["step"] if history else start_step,

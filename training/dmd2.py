@@ -27,6 +27,7 @@ from diffusers_distill.losses import (
     fake_score_loss,
     gan_discriminator_loss,
     gan_generator_loss,
+    teacher_regression_loss,
 )
 from diffusers_distill.noise_schedule import NoiseSchedule
 from diffusers_distill.students import (
@@ -73,11 +74,14 @@ class DMD2Parts:
     timesteps: list[int]
     latent_shape: tuple[int, ...]
     device: torch.device
-    prepared: torch.nn.Module | None = None  # ``accelerator.prepare(core.TrainingPhase(networks))``, once made
+    # role -> the prepared module whose forward runs that role's phase (see _distributed), once made
+    prepared: dict[str, torch.nn.Module] | None = None
+    fsdp: bool = False  # accelerate shards the networks with FSDP (full layouts; one prepared root per role)
 
 
-def _distributed(parts: DMD2Parts):
-    """The module whose forward runs a training phase: ``core.TrainingPhase(networks)``, DDP-wrapped when prepared.
+def _distributed(parts: DMD2Parts, role: str):
+    """The module whose forward runs ``role``'s training phase: ``core.TrainingPhase(networks)``, DDP-wrapped when
+    prepared (both roles share it); under FSDP one FSDP root per role (see :func:`prepare_networks`).
 
     DDP design (docs/dmd2.md, "Distributed training"): the generator phase and the fake-score phase each make ONE
     call of the prepared module, whose outputs depend on exactly the parameters that phase trains: the generator's
@@ -87,13 +91,29 @@ def _distributed(parts: DMD2Parts):
     and all-reduces the phase's own. Wrapping the UNet per role is impossible in the shared-base LoRA layout (both
     adapters live in one module), and ``static_graph`` cannot hold since the used parameters alternate by phase.
     """
-    return core.TrainingPhase(parts.networks) if parts.prepared is None else parts.prepared
+    return core.TrainingPhase(parts.networks) if parts.prepared is None else parts.prepared[role]
+
+
+def _run_phase(parts: DMD2Parts, role: str, compute):
+    """``compute()`` as the forward of ``role``'s prepared module (see :func:`_distributed`)."""
+    phase = _distributed(parts, role)
+    result = phase(compute)
+    if parts.fsdp:  # FSDP leaves a root's own weights gathered after its forward; shard them again, so that the
+        phase.reshard()  # parameter lists read later (EMA, clipping, export) are the shards the optimizer steps
+    return result
+
+
+def _in_phase(parts: DMD2Parts, role: str, compute):
+    """``compute()``, run inside ``role``'s FSDP root under FSDP (so that the root's shards are all-gathered for it,
+    on every process), else directly: for the calls outside a training phase (backward simulation, the fake score's
+    passes in the generator loss, validation)."""
+    return _run_phase(parts, role, compute) if parts.fsdp else compute()
 
 
 # ---------------------------------------------------------------------- step functions
 def generator_forward(parts: DMD2Parts, config: DMD2Config, accelerator, data, rng, shared_rng, with_grad: bool):
     """Sample prompts and the generator's input (DMD2 Sec. 4.4) and run the generator: ``(x0, prompt embeddings,
-    step index k)``.
+    step index k, (x_t, t) the generator's input)``.
 
     ``shared_rng`` (identical on all processes) picks which of the N steps (k) is trained this iteration.
     """
@@ -107,13 +127,15 @@ def generator_forward(parts: DMD2Parts, config: DMD2Config, accelerator, data, r
         fresh = randn(parts.latent_shape, rng, device)
         x_in = parts.schedule.add_noise(core.encode_images(parts.vae, real), fresh, t_in)
     else:
-        x_in, t_in = generator_input(parts.networks, parts.schedule, noise, cond, steps, k, rng)
+        x_in, t_in = _in_phase(
+            parts, "generator", lambda: generator_input(parts.networks, parts.schedule, noise, cond, steps, k, rng)
+        )
 
     def run_generator():
         with accelerator.autocast(), torch.set_grad_enabled(with_grad), parts.networks.role("generator") as generator:
             return predict_x0(generator, parts.schedule, x_in, t_in, cond)
 
-    return _distributed(parts)(run_generator), cond, k
+    return _run_phase(parts, "generator", run_generator), cond, k, (x_in, t_in)
 
 
 def _checkpointing_disabled(unet):
@@ -134,9 +156,33 @@ def _checkpointing_disabled(unet):
     return context()
 
 
-def generator_step(parts: DMD2Parts, config: DMD2Config, accelerator, x0, cond, rng, k: int = 0) -> dict:
-    """Generator loss on ``x0`` (made by step ``k``, with graph): distribution matching (DMD2 eq. 2) + optional GAN
-    term; backward into the generator's parameters only. Returns the detached losses."""
+def _backward_generator(parts: DMD2Parts, accelerator, loss) -> None:
+    nets = parts.networks
+    with nets.role("generator"):  # active while checkpointed generator blocks recompute
+        # under FSDP the graph reaches only the generator's weights (the real and fake passes ran without gradient)
+        accelerator.backward(loss, **({} if parts.fsdp else {"inputs": nets.parameters_of("generator")}))
+
+
+def teacher_regression_step(parts: DMD2Parts, config: DMD2Config, accelerator, x0, cond, inputs) -> dict:
+    """Generator loss of a step k >= ``--teacher_regression_from_step``: ``x0`` regressed onto the teacher's CFG x0
+    prediction at the same input ``inputs = (x_t, t)`` (ours, docs/dmd2.md, "Multi-step students"); backward into
+    the generator. Returns the detached loss."""
+    x_t, t = inputs
+    with torch.no_grad(), accelerator.autocast(), parts.networks.role("real_score") as teacher:
+        uncond = parts.prompt_encoder.unconditional_embeddings(cond)
+        x0_teacher = guided_x0(teacher, parts.schedule, x_t, t, cond, uncond, config.real_guidance_scale)
+    loss = teacher_regression_loss(x0, x0_teacher)
+    _backward_generator(parts, accelerator, loss)
+    return {"loss_teacher_regression": loss.detach()}
+
+
+def generator_step(parts: DMD2Parts, config: DMD2Config, accelerator, x0, cond, rng, k: int = 0, inputs=None) -> dict:
+    """Generator loss on ``x0`` (made by step ``k`` from ``inputs = (x_t, t)``, with graph): distribution matching
+    (DMD2 eq. 2) + optional GAN term, or for the steps from ``--teacher_regression_from_step`` on the regression
+    onto the teacher (:func:`teacher_regression_step`); backward into the generator's parameters only. Returns the
+    detached losses."""
+    if config.teacher_regression_from_step is not None and k >= config.teacher_regression_from_step:
+        return teacher_regression_step(parts, config, accelerator, x0, cond, inputs)
     nets, schedule, device, batch = parts.networks, parts.schedule, parts.device, x0.shape[0]
     min_step = int(config.min_step_percent * schedule.num_train_timesteps)
     max_step = int(config.max_step_percent * schedule.num_train_timesteps)
@@ -148,19 +194,32 @@ def generator_step(parts: DMD2Parts, config: DMD2Config, accelerator, x0, cond, 
         uncond = parts.prompt_encoder.unconditional_embeddings(cond)
         with nets.role("real_score") as real_score:
             x0_real = guided_x0(real_score, schedule, x_t, t_dm, cond, uncond, config.real_guidance_scale)
-        with nets.role("fake_score") as fake_score:
-            x0_fake = predict_x0(fake_score, schedule, x_t, t_dm, cond)
+
+        def fake_x0():
+            with nets.role("fake_score") as fake_score:
+                return predict_x0(fake_score, schedule, x_t, t_dm, cond)
+
+        x0_fake = _in_phase(parts, "fake_score", fake_x0)
     loss_dm = distribution_matching_loss(x0, x0_real, x0_fake)
     loss, logs = config.dm_loss_weight * loss_dm, {"loss_dm": loss_dm.detach()}
     if config.generator_gan_loss_weight > 0:
         s = randint(0, config.diffusion_gan_max_timestep, batch, rng, device)
         x_s = schedule.add_noise(x0, randn(x0.shape, rng, device), s)
-        with accelerator.autocast(), _checkpointing_disabled(nets.base_unet):
-            loss_gan = gan_generator_loss(nets.gan_logits(x_s, s, cond))
-        loss = loss + config.generator_gan_loss_weight * loss_gan
+
+        def gan_loss():
+            with accelerator.autocast(), _checkpointing_disabled(nets.base_unet):
+                return gan_generator_loss(nets.gan_logits(x_s, s, cond))
+
+        loss_gan = _in_phase(parts, "fake_score", gan_loss)
         logs["loss_gen_gan"] = loss_gan.detach()
-    with nets.role("generator"):  # active while checkpointed generator blocks recompute
-        accelerator.backward(loss, inputs=nets.parameters_of("generator"))
+        if parts.fsdp:
+            # backward's ``inputs=`` cannot name FSDP's sharded parameters, so the GAN gradient reaches the
+            # generator through x0 alone: d(loss_gan)/d(x0) (no weight gradient for the fake score), then x0 . g
+            (grad_x0,) = torch.autograd.grad(config.generator_gan_loss_weight * loss_gan, x0)
+            loss = loss + (x0 * grad_x0).sum()
+        else:
+            loss = loss + config.generator_gan_loss_weight * loss_gan
+    _backward_generator(parts, accelerator, loss)
     return logs
 
 
@@ -192,9 +251,9 @@ def fake_score_step(parts: DMD2Parts, config: DMD2Config, accelerator, data, x0,
             logs["loss_disc"] = loss_disc.detach()
         return loss, logs
 
-    loss, logs = _distributed(parts)(fake_score_loss_and_logs)
-    with nets.role("fake_score"):
-        accelerator.backward(loss, inputs=nets.parameters_of("fake_score"))
+    loss, logs = _run_phase(parts, "fake_score", fake_score_loss_and_logs)
+    with nets.role("fake_score"):  # x0 is detached: under FSDP the graph reaches only the fake score's weights
+        accelerator.backward(loss, **({} if parts.fsdp else {"inputs": nets.parameters_of("fake_score")}))
     return logs
 
 
@@ -218,6 +277,13 @@ def build_parts(config: DMD2Config, accelerator, pipe, resolution: int) -> DMD2P
         gan_feature_size=feature_size if config.uses_gan else None,
         num_fake_score_steps=len(config.timesteps()) if config.fake_score_step_conditioning else 0,
     )
+    fsdp = core.uses_fsdp(accelerator)
+    if fsdp and not (networks.generator_unet is not None and networks.fake_score_unet is not None):
+        raise ConfigError(
+            "FSDP (an accelerate FSDP config) needs the full layouts, --student_type full --fake_score_type full; "
+            f"got --student_type {config.student_type} --fake_score_type {config.fake_score_type}. "
+            "LoRA layouts train with DDP (a multi-GPU accelerate config)."
+        )
     core.cast_if_needed(networks.base_unet, core.weight_dtype(accelerator))  # frozen weights in the compute dtype ...
     cast_training_params(networks.base_unet, dtype=torch.float32)  # ... trainable adapters in fp32
     networks.to(accelerator.device)
@@ -235,6 +301,7 @@ def build_parts(config: DMD2Config, accelerator, pipe, resolution: int) -> DMD2P
         timesteps=config.timesteps(),
         latent_shape=(config.train_batch_size, unet.config.in_channels, latent_size, latent_size),
         device=accelerator.device,
+        fsdp=fsdp,
     )
 
 
@@ -244,10 +311,11 @@ def _extra_fake_score_modules(networks: DMD2Networks):
     return [(name, module) for name, module in modules if module is not None]
 
 
-def register_checkpoint_hooks(accelerator, networks: DMD2Networks, pipeline_class, ema=None) -> None:
+def register_checkpoint_hooks(accelerator, networks: DMD2Networks, pipeline_class, ema=None, fsdp=False) -> None:
     """accelerate hooks: the trainable weights in diffusers formats next to accelerate's optimizer/scheduler/RNG
     files: LoRA adapters through THE LoRA save path, full UNets with ``save_pretrained``, the GAN head and the EMA
-    as safetensors."""
+    as safetensors. Under FSDP accelerate writes the sharded roots and optimizers itself (its FSDP checkpoint
+    files, read back with ``torch.load(weights_only=True)``); the hooks add the EMA, gathered from its shards."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file, save_file
 
@@ -257,6 +325,11 @@ def register_checkpoint_hooks(accelerator, networks: DMD2Networks, pipeline_clas
 
     def save_hook(models, weights, output_dir):
         weights.clear()  # the prepared networks are written below in diffusers formats, not as model.safetensors
+        if fsdp:  # every process takes part in gathering the EMA's shards; the main one writes
+            if ema is not None:
+                path = os.path.join(output_dir, "ema_generator.safetensors")
+                core.save_ema_state(ema, path if accelerator.is_main_process else None)
+            return
         if not accelerator.is_main_process:
             return
         for role, adapter in roles:
@@ -272,6 +345,10 @@ def register_checkpoint_hooks(accelerator, networks: DMD2Networks, pipeline_clas
 
     def load_hook(models, input_dir):
         models.clear()  # restored below; accelerate must not look for model.safetensors
+        if fsdp:  # accelerate loaded its FSDP files into the sharded roots
+            if ema is not None:
+                core.load_ema_state(ema, os.path.join(input_dir, "ema_generator.safetensors"))
+            return
         for role, adapter in roles:
             if networks.unet(role) is networks.base_unet:
                 load_lora_adapter(os.path.join(input_dir, f"{role}_lora"), networks.base_unet, adapter)
@@ -287,8 +364,20 @@ def register_checkpoint_hooks(accelerator, networks: DMD2Networks, pipeline_clas
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_student(config: DMD2Config, parts: DMD2Parts, pipe) -> None:
-    """Final export through :mod:`diffusers_distill.export` (LoRA file, or a native full pipeline folder)."""
+def gather_student(parts: DMD2Parts, ema) -> dict[str, torch.Tensor] | None:
+    """Under FSDP (every process calls this): the full generator UNet's (EMA) weights, gathered from the shards for
+    :func:`save_student`; None otherwise (the export reads the unsharded networks)."""
+    if not parts.fsdp:
+        return None
+    with core.ema_weights(ema, parts.networks.parameters_of("generator")):
+        return core.full_state_dict(parts.networks.generator_unet)
+
+
+def save_student(config: DMD2Config, parts: DMD2Parts, pipe, generator_state: dict | None = None) -> None:
+    """Final export through :mod:`diffusers_distill.export` (LoRA file, or a native full pipeline folder);
+    ``generator_state``: the full generator's weights gathered by :func:`gather_student` (FSDP)."""
+    from diffusers import UNet2DConditionModel
+
     from diffusers_distill import export
 
     networks, timesteps = parts.networks, parts.timesteps
@@ -305,8 +394,12 @@ def save_student(config: DMD2Config, parts: DMD2Parts, pipe) -> None:
     if networks.generator_is_lora:
         export.save_lora_student(config.output_dir, networks.base_unet, GENERATOR_ADAPTER, type(pipe), student_config)
     else:
+        generator = networks.generator_unet
+        if generator_state is not None:  # FSDP: a plain UNet with the gathered weights
+            generator = UNet2DConditionModel.from_config(generator.config)
+            generator.load_state_dict(generator_state)
         with networks.role("real_score"):  # adapters off: the saved teacher components must be the plain base
-            export.save_full_student(config.output_dir, pipe, networks.generator_unet, student_config)
+            export.save_full_student(config.output_dir, pipe, generator, student_config)
 
 
 def validation_images(parts: DMD2Parts, config: DMD2Config, accelerator) -> torch.Tensor:
@@ -315,23 +408,43 @@ def validation_images(parts: DMD2Parts, config: DMD2Config, accelerator) -> torc
     shape = (len(prompts), *parts.latent_shape[1:])
     generator = torch.Generator().manual_seed(config.seed)
     noise = randn(shape, generator, parts.device)
+    embeddings = parts.embed(prompts)
+
+    def sample():
+        return sample_student(parts.networks, parts.schedule, embeddings, parts.timesteps, noise, generator)
+
     with accelerator.autocast():
-        latents = sample_student(
-            parts.networks, parts.schedule, parts.embed(prompts), parts.timesteps, noise, generator
-        )
+        latents = _in_phase(parts, "generator", sample)
     return core.decode_latents(parts.vae, latents)
 
 
-def make_optimizers(config: DMD2Config, parts: DMD2Parts, accelerator, total_steps: int):
-    """AdamW + LR schedule for the generator and for the fake score, prepared by accelerate."""
-    optimizers, schedulers = [], []
+def prepare_networks(config: DMD2Config, parts: DMD2Parts, accelerator, total_steps: int):
+    """AdamW + LR schedule for the generator and for the fake score; the networks, optimizers and schedules
+    prepared by accelerate (sets ``parts.prepared``). Returns ``(optimizers, schedulers)``, each (generator, fake).
+
+    DDP (or one process): one ``core.TrainingPhase(networks)`` for both roles (see :func:`_distributed`). FSDP: one
+    root per role, each prepared together with its optimizer (FSDP2 swaps the optimizer's parameters for the
+    shards, and accelerate's FSDP checkpoints pair the i-th model with the i-th optimizer): the generator UNet, and
+    the fake score UNet with the GAN head and step embedding. The frozen real score (the teacher) is not sharded.
+    """
+    nets, optimizers, schedulers = parts.networks, [], []
     for role, lr in (("generator", config.learning_rate), ("fake_score", config.fake_score_learning_rate)):
         lr = core.scaled_learning_rate(config, config.learning_rate if lr is None else lr, accelerator.num_processes)
-        optimizer = core.make_optimizer(parts.networks.parameters_of(role), lr, config)
+        optimizer = core.make_optimizer(nets.parameters_of(role), lr, config)
         optimizers.append(optimizer)
         schedulers.append(core.make_lr_scheduler(optimizer, config, total_steps))
-    prepared = accelerator.prepare(*optimizers, *schedulers)
-    return prepared[:2], prepared[2:]
+    if not parts.fsdp:
+        prepared = accelerator.prepare(core.TrainingPhase(nets), *optimizers, *schedulers)  # DDP with several processes
+        parts.prepared = {"generator": prepared[0], "fake_score": prepared[0]}
+        return prepared[1:3], prepared[3:]
+    fake = [m for m in (nets.fake_score_unet, nets.fake_score_step_embedding, nets.gan_head) if m is not None]
+    roots = (("generator", nets.generator_unet), ("fake_score", torch.nn.ModuleList(fake)))
+    parts.prepared = {}
+    for i, (role, module) in enumerate(roots):
+        parts.prepared[role], optimizers[i], schedulers[i] = accelerator.prepare(
+            core.TrainingPhase(module), optimizers[i], schedulers[i]
+        )
+    return optimizers, schedulers
 
 
 def train_step(step: int, parts: DMD2Parts, config: DMD2Config, accelerator, data, optimizers, schedulers, ema) -> dict:
@@ -340,12 +453,13 @@ def train_step(step: int, parts: DMD2Parts, config: DMD2Config, accelerator, dat
     generator_turn = step % config.dfake_gen_update_ratio == 0
     totals: dict[str, torch.Tensor] = {}
     for micro_batch in range(config.gradient_accumulation_steps):
-        with accelerator.accumulate(*([] if parts.prepared is None else [parts.prepared])):
+        prepared = [] if parts.prepared is None else list({id(m): m for m in parts.prepared.values()}.values())
+        with accelerator.accumulate(*prepared):
             rng = core.step_generator(config.seed, step, accelerator.process_index, micro_batch)
             shared_rng = core.step_generator(config.seed, step, None, micro_batch)
-            x0, cond, k = generator_forward(parts, config, accelerator, data, rng, shared_rng, generator_turn)
+            x0, cond, k, inputs = generator_forward(parts, config, accelerator, data, rng, shared_rng, generator_turn)
             with parts.networks.sample_step(k):  # the fake score's step condition, when it has one
-                logs = generator_step(parts, config, accelerator, x0, cond, rng, k) if generator_turn else {}
+                logs = generator_step(parts, config, accelerator, x0, cond, rng, k, inputs) if generator_turn else {}
                 logs.update(fake_score_step(parts, config, accelerator, data, x0, cond, rng))
         for name, value in logs.items():
             totals[name] = totals.get(name, 0.0) + value.float() / config.gradient_accumulation_steps
@@ -389,14 +503,13 @@ def train_dmd2(config: DMD2Config) -> dict:
     # 2-4. accelerate, logging, seed, Hub check, data, and the teacher; then the DMD2 networks on its UNet.
     accelerator, repo_id, data, pipe = core.start_run(config)
     parts = build_parts(config, accelerator, pipe, data.resolution)
-    parts.prepared = accelerator.prepare(core.TrainingPhase(parts.networks))  # DDP with several processes
-    # 5. Optimizers and learning-rate schedules.
+    # 5. Optimizers and learning-rate schedules; the networks prepared (DDP with several processes, or FSDP).
     total_steps = core.num_training_steps(config, len(data.prompts), accelerator.num_processes)
-    optimizers, schedulers = make_optimizers(config, parts, accelerator, total_steps)
+    optimizers, schedulers = prepare_networks(config, parts, accelerator, total_steps)
     # 6. EMA of the generator, checkpoint hooks, resume.
     generator_params = parts.networks.parameters_of("generator")
     ema = EMAModel(generator_params, decay=config.ema_decay) if config.use_ema else None
-    register_checkpoint_hooks(accelerator, parts.networks, type(pipe), ema)
+    register_checkpoint_hooks(accelerator, parts.networks, type(pipe), ema, fsdp=parts.fsdp)
     start_step = core.resume_from_checkpoint(accelerator, config)
     # 7. Trackers and the prompt cache.
     core.start_tracking(config, accelerator, parts.embed, data.prompts)
@@ -404,12 +517,13 @@ def train_dmd2(config: DMD2Config) -> dict:
     history = train_loop(config, accelerator, parts, data, optimizers, schedulers, ema, start_step, total_steps)
 
     # 9. Export the (EMA) student and upload it.
-    def export():
+    def export(generator_state=None):
         with core.ema_weights(ema, generator_params):
-            save_student(config, parts, pipe)
+            save_student(config, parts, pipe, generator_state)
         if repo_id is not None:
             from diffusers_distill import hub
 
             hub.push_student_to_hub(config.output_dir, repo_id, token=config.hub_token)
 
-    return core.finish_run(config, accelerator, parts, data, history, start_step, export)
+    gather = (lambda: gather_student(parts, ema)) if parts.fsdp else None
+    return core.finish_run(config, accelerator, parts, data, history, start_step, export, gather)

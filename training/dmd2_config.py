@@ -50,6 +50,11 @@ class DMD2Config(TrainingConfig):
     dm_timesteps_below_input: bool = option(
         False, "N-step: the DM loss of step k noises its sample only up to the step's own input timestep t_k."
     )
+    teacher_regression_from_step: int | None = option(
+        None,
+        "N-step: steps k >= this (0-based) regress their x0 onto the teacher's CFG x0 at the same input instead of "
+        "the DM/GAN losses (ours, docs/dmd2.md; None: every step is trained by DMD2).",
+    )
     dm_loss_weight: float = option(1.0, "Weight of the distribution-matching loss.")
     generator_gan_loss_weight: float = option(0.0, "Weight of the generator's GAN loss (needs real images).")
     fake_score_gan_loss_weight: float = option(0.0, "Weight of the discriminator loss of the fake score's GAN head.")
@@ -90,6 +95,14 @@ class DMD2Config(TrainingConfig):
             validate_timesteps(self.timesteps(), "--denoising_timesteps", NUM_TRAIN_TIMESTEPS, self.num_inference_steps)
         except ValueError as error:
             raise ConfigError(f"{error} (num_inference_steps={self.num_inference_steps})") from None
+        first = self.teacher_regression_from_step
+        if first is not None and self.num_inference_steps == 1:
+            raise ConfigError("--teacher_regression_from_step needs a multi-step student (--num_inference_steps >= 2)")
+        if first is not None and not 1 <= first < self.num_inference_steps:
+            raise ConfigError(
+                f"--teacher_regression_from_step must be in [1, {self.num_inference_steps - 1}] (a step after the "
+                f"first of the --num_inference_steps {self.num_inference_steps} student), got {first}"
+            )
         if self.uses_gan and not self.has_images:
             raise ConfigError(
                 "the GAN losses (--generator_gan_loss_weight/--fake_score_gan_loss_weight > 0) need real images: "
