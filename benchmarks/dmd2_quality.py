@@ -1,14 +1,16 @@
 """DMD2 on the bundled SD 1.5 digits teacher: 1-, 2- and 4-step students vs the teacher, on CPU.
 
     OMP_NUM_THREADS=1 python benchmarks/dmd2_quality.py [--max_train_steps 3000] [--ema_decay 0.999 | 0] \
-        [--gan_loss_weight 0] [--output_dir outputs/benchmarks/dmd2_quality]
+        [--gan_loss_weight 0] [--teacher_regression_from_step 2 | none] [--output_dir outputs/benchmarks/dmd2_quality]
 
 Trains the students two at a time (two processes, one thread each), then samples the teacher with DDIM at 25 steps
 (the reference) and at the students' step counts (the no-distillation baseline; ``trailing`` spacing, so 1 step
 samples t=999 and 4 steps t=999/749/499/249, the students' own timesteps), all at the guidance the students were
 distilled with and from the same seeded noise (every generator seeded, see ``diffusers_distill.evaluation``). For
 each multi-step student it also reports the FD after each of its steps: the exported pipeline run on the first k
-trained timesteps (LCMScheduler returns its x0 prediction at the last step given).
+trained timesteps (LCMScheduler returns its x0 prediction at the last step given). By default the 4-step student's
+3rd and 4th steps regress onto the teacher (``--teacher_regression_from_step 2``, docs/dmd2.md); ``none`` trains
+every step with DMD2.
 Prints a markdown table (prompt accuracy, digits-FD, PSNR vs the teacher@25, training wall time) and writes
 ``dmd2_quality.md``, ``dmd2_quality.json`` and one sample grid per row
 (rows = sample index, columns = digits 0..9) to ``--output_dir``.
@@ -74,9 +76,10 @@ def main(argv=None):
     )
     parser.add_argument(
         "--teacher_regression_from_step",
-        type=int,
-        default=None,
-        help="students with more steps than K: steps k >= K (0-based) regress onto the teacher's CFG x0 (ours)",
+        type=lambda value: None if value == "none" else int(value),
+        default=2,
+        help="students with more steps than K: steps k >= K (0-based) regress onto the teacher's CFG x0 (ours, "
+        "sd15_4step.json's K=2); 'none': DMD2 at every step",
     )
     parser.add_argument("--sequential", action="store_true", help="train the students one after the other")
     parser.add_argument("--output_dir", default="outputs/benchmarks/dmd2_quality")

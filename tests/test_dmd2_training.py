@@ -131,6 +131,9 @@ def test_presets_load_and_cli_overrides():
         config = DMD2Config.from_file(os.path.join(CONFIGS, f"{name}.json"))
         assert (config.student_type, config.fake_score_type, config.learning_rate) == (generator, "full", lr)
         assert (config.generator_gan_loss_weight, config.fake_score_gan_loss_weight) == (5e-3, 1e-2)
+        assert config.teacher_regression_from_step is None  # the reference trains every step with DMD2
+    # ours (the reference has no SD 1.5 4-step recipe): steps 3 and 4 regress onto the teacher (docs/dmd2.md)
+    assert DMD2Config.from_file(os.path.join(CONFIGS, "sd15_4step.json")).teacher_regression_from_step == 2
     sdxl = DMD2Config.from_file(os.path.join(CONFIGS, "sdxl_1step.json"))
     assert (sdxl.conditioning_timestep, sdxl.real_guidance_scale, sdxl.dfake_gen_update_ratio) == (399, 8.0, 5)
     preset = os.path.join(CONFIGS, "sdxl_4step.json")
