@@ -784,10 +784,14 @@ def test_launch_full_students(
     teacher = sd15_pipeline_dir if arch == "sd15" else sdxl_pipeline_dir
     out = tmp_path / "out"
     args = ["--pretrained_teacher_model", teacher, "--output_dir", str(out)]
+    if arch == "sd15":  # the SD 1.5 4-step preset as shipped (bf16, gradient checkpointing, late-step regression)
+        args += ["--config", os.path.join(CONFIGS, "sd15_4step.json")]
     args += ["--prompt_file", os.path.join(data_dir, "prompts.txt"), "--student_type", "full"]
-    args += ["--fake_score_type", "full", "--num_inference_steps", steps, "--max_train_steps", "2"]
+    args += ["--fake_score_type", "full", "--num_inference_steps", steps, "--max_train_steps", "4"]
     launch(accelerate_configs[0], [*args, "--checkpointing_steps", "2", *TINY])
     assert {"generator", "fake_score"} <= set(os.listdir(out / "checkpoint-2"))
+    if arch == "sd15":  # some generator turn drew a late step (k >= 2), trained by the regression onto the teacher
+        assert any("loss_teacher_regression" in row for row in read_losses(out))
     student = DiffusionPipeline.from_pretrained(str(out))  # a native diffusers folder
     expected = "StableDiffusionPipeline" if arch == "sd15" else "StableDiffusionXLPipeline"
     assert type(student).__name__ == expected
