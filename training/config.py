@@ -255,6 +255,10 @@ class TrainingConfig:
                 raise ConfigError(str(error)) from None
         self._check_paths()
 
+    def fsdp_unsupported(self) -> str | None:
+        """Why this run cannot be sharded by an FSDP accelerate config (the error message), or None if it can."""
+        return "this trainer supports DDP (a multi-GPU accelerate config), not FSDP; use DDP"
+
     # ------------------------------------------------------------------ derived values
     @property
     def teacher_path(self) -> str:

@@ -531,14 +531,18 @@ def prepare_hub(config: TrainingConfig, accelerator) -> str | None:
 
 def start_run(config: TrainingConfig):
     """Steps 2-4 of every recipe, in the order that reports errors early: accelerate (DDP with
-    ``find_unused_parameters``, since the phases train disjoint parameters: see :class:`TrainingPhase`), logging and
-    the seed (identical initial weights, e.g. LoRA init, on every process); the Hub repo and token (checked now, not
-    after training); the data (its errors come before the teacher loads); the teacher pipeline, whose resolution
+    ``find_unused_parameters``, since the phases train disjoint parameters: see :class:`TrainingPhase`; an FSDP
+    config the recipe cannot run stops here, with ``config.fsdp_unsupported()``), logging and the seed (identical
+    initial weights, e.g. LoRA init, on every process); the Hub repo and token (checked now, not after training);
+    the data (its errors come before the teacher loads); the teacher pipeline, whose resolution
     the data then takes. Returns ``(accelerator, repo_id, data, pipe)``."""
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(config, find_unused_parameters=True)
     setup_logging(accelerator)
+    reason = config.fsdp_unsupported() if uses_fsdp(accelerator) else None
+    if reason is not None:  # an FSDP accelerate config for a run the recipe cannot shard: before anything loads
+        raise ConfigError(reason)
     set_seed(config.seed)
     repo_id = prepare_hub(config, accelerator)
     data = load_training_data(config, config.resolution or 512)

@@ -16,6 +16,7 @@ seeded by (seed, step, rank), so a resumed run reproduces the uninterrupted one 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -156,11 +157,15 @@ def _checkpointing_disabled(unet):
     return context()
 
 
-def _backward_generator(parts: DMD2Parts, accelerator, loss) -> None:
+def _backward(parts: DMD2Parts, accelerator, loss, role: str) -> None:
+    """Backward of a phase's loss into ``role``'s parameters, with the role active (checkpointed LoRA blocks recompute
+    with whichever adapter is active). Without FSDP, ``inputs=`` keeps every other role's weights out of it; FSDP's
+    sharded parameters cannot be named there, and each phase's graph reaches only its role's weights: the generator
+    loss's real and fake passes run without gradient (its GAN term goes through x0), the fake-score loss sees a
+    detached x0."""
     nets = parts.networks
-    with nets.role("generator"):  # active while checkpointed generator blocks recompute
-        # under FSDP the graph reaches only the generator's weights (the real and fake passes ran without gradient)
-        accelerator.backward(loss, **({} if parts.fsdp else {"inputs": nets.parameters_of("generator")}))
+    with nets.role(role):
+        accelerator.backward(loss, **({} if parts.fsdp else {"inputs": nets.parameters_of(role)}))
 
 
 def teacher_regression_step(parts: DMD2Parts, config: DMD2Config, accelerator, x0, cond, inputs) -> dict:
@@ -172,7 +177,7 @@ def teacher_regression_step(parts: DMD2Parts, config: DMD2Config, accelerator, x
         uncond = parts.prompt_encoder.unconditional_embeddings(cond)
         x0_teacher = guided_x0(teacher, parts.schedule, x_t, t, cond, uncond, config.real_guidance_scale)
     loss = teacher_regression_loss(x0, x0_teacher)
-    _backward_generator(parts, accelerator, loss)
+    _backward(parts, accelerator, loss, "generator")
     return {"loss_teacher_regression": loss.detach()}
 
 
@@ -219,7 +224,7 @@ def generator_step(parts: DMD2Parts, config: DMD2Config, accelerator, x0, cond, 
             loss = loss + (x0 * grad_x0).sum()
         else:
             loss = loss + config.generator_gan_loss_weight * loss_gan
-    _backward_generator(parts, accelerator, loss)
+    _backward(parts, accelerator, loss, "generator")
     return logs
 
 
@@ -252,8 +257,7 @@ def fake_score_step(parts: DMD2Parts, config: DMD2Config, accelerator, data, x0,
         return loss, logs
 
     loss, logs = _run_phase(parts, "fake_score", fake_score_loss_and_logs)
-    with nets.role("fake_score"):  # x0 is detached: under FSDP the graph reaches only the fake score's weights
-        accelerator.backward(loss, **({} if parts.fsdp else {"inputs": nets.parameters_of("fake_score")}))
+    _backward(parts, accelerator, loss, "fake_score")
     return logs
 
 
@@ -277,13 +281,6 @@ def build_parts(config: DMD2Config, accelerator, pipe, resolution: int) -> DMD2P
         gan_feature_size=feature_size if config.uses_gan else None,
         num_fake_score_steps=len(config.timesteps()) if config.fake_score_step_conditioning else 0,
     )
-    fsdp = core.uses_fsdp(accelerator)
-    if fsdp and not (networks.generator_unet is not None and networks.fake_score_unet is not None):
-        raise ConfigError(
-            "FSDP (an accelerate FSDP config) needs the full layouts, --student_type full --fake_score_type full; "
-            f"got --student_type {config.student_type} --fake_score_type {config.fake_score_type}. "
-            "LoRA layouts train with DDP (a multi-GPU accelerate config)."
-        )
     core.cast_if_needed(networks.base_unet, core.weight_dtype(accelerator))  # frozen weights in the compute dtype ...
     cast_training_params(networks.base_unet, dtype=torch.float32)  # ... trainable adapters in fp32
     networks.to(accelerator.device)
@@ -301,7 +298,7 @@ def build_parts(config: DMD2Config, accelerator, pipe, resolution: int) -> DMD2P
         timesteps=config.timesteps(),
         latent_shape=(config.train_batch_size, unet.config.in_channels, latent_size, latent_size),
         device=accelerator.device,
-        fsdp=fsdp,
+        fsdp=core.uses_fsdp(accelerator),  # only the full layouts get here under FSDP (DMD2Config.fsdp_unsupported)
     )
 
 
@@ -452,8 +449,8 @@ def train_step(step: int, parts: DMD2Parts, config: DMD2Config, accelerator, dat
     fake-score update always. Returns the losses averaged over the micro-batches (tensors)."""
     generator_turn = step % config.dfake_gen_update_ratio == 0
     totals: dict[str, torch.Tensor] = {}
+    prepared = [] if parts.prepared is None else list({id(m): m for m in parts.prepared.values()}.values())
     for micro_batch in range(config.gradient_accumulation_steps):
-        prepared = [] if parts.prepared is None else list({id(m): m for m in parts.prepared.values()}.values())
         with accelerator.accumulate(*prepared):
             rng = core.step_generator(config.seed, step, accelerator.process_index, micro_batch)
             shared_rng = core.step_generator(config.seed, step, None, micro_batch)
@@ -525,5 +522,5 @@ def train_dmd2(config: DMD2Config) -> dict:
 
             hub.push_student_to_hub(config.output_dir, repo_id, token=config.hub_token)
 
-    gather = (lambda: gather_student(parts, ema)) if parts.fsdp else None
+    gather = functools.partial(gather_student, parts, ema)  # the gathered FSDP weights, or None
     return core.finish_run(config, accelerator, parts, data, history, start_step, export, gather)

@@ -77,6 +77,17 @@ class DMD2Config(TrainingConfig):
     def has_images(self) -> bool:
         return bool(self.train_data_dir or self.dataset_name)
 
+    def fsdp_unsupported(self) -> str | None:
+        """FSDP takes the full layouts only (one sharded root per role; the shared-base LoRA layout keeps both
+        adapters on one UNet)."""
+        if self.student_type == "full" and self.fake_score_type == "full":
+            return None
+        return (
+            "FSDP (an accelerate FSDP config) needs the full layouts, --student_type full --fake_score_type full; "
+            f"got --student_type {self.student_type} --fake_score_type {self.fake_score_type}. "
+            "LoRA layouts train with DDP (a multi-GPU accelerate config)."
+        )
+
     def timesteps(self) -> list[int]:
         """The student's timesteps: ``--denoising_timesteps``, else DMD2's default for the step count."""
         if self.denoising_timesteps:

@@ -455,8 +455,6 @@ def train_flow_map(config: FlowMapConfig) -> dict:
     config.validate()
     # 2-4. accelerate, logging, seed, Hub check, data, and the teacher; then the student on its UNet.
     accelerator, repo_id, data, pipe = core.start_run(config)
-    if core.uses_fsdp(accelerator):  # not implemented for flow maps (docs/flow_maps.md, "How to distill")
-        raise ConfigError("train_flow_map supports DDP (a multi-GPU accelerate config), not FSDP; use DDP")
     parts = build_parts(config, accelerator, pipe, data.resolution)
     # 5. Optimizer and learning-rate schedule.
     total_steps = core.num_training_steps(config, len(data.prompts), accelerator.num_processes)

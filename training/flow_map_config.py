@@ -51,6 +51,10 @@ class FlowMapConfig(TrainingConfig):
     def has_images(self) -> bool:
         return bool(self.train_data_dir or self.dataset_name)
 
+    def fsdp_unsupported(self) -> str | None:
+        """FSDP is not implemented for flow maps (docs/flow_maps.md, "How to distill")."""
+        return "train_flow_map supports DDP (a multi-GPU accelerate config), not FSDP; use DDP"
+
     def validate(self) -> None:
         """Raise ``ConfigError`` (one line, naming the flag) on bad options, before any model loads."""
         self._check_choices(
