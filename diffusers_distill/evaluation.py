@@ -193,16 +193,24 @@ def _feature_stats(features: torch.Tensor):
 _REFERENCE_STATS: dict = {}
 
 
-def digits_fd(images: torch.Tensor, classifier: DigitClassifier | None = None) -> float:
-    """Frechet distance between classifier features of ``images`` and of the held-out real digits."""
+def digits_fd(
+    images: torch.Tensor, classifier: DigitClassifier | None = None, reference: torch.Tensor | None = None
+) -> float:
+    """Frechet distance between classifier features of ``images`` and of the held-out real digits, or of
+    ``reference`` images when given (e.g. the teacher's 25-step samples: how close the distribution of a student's
+    samples is to its teacher's rather than to the data)."""
     classifier = classifier or load_digit_classifier()
     key = id(classifier)
     with torch.no_grad():
-        if key not in _REFERENCE_STATS:
-            real, _ = load_digits_split("held_out", channels=1)
-            _REFERENCE_STATS[key] = _feature_stats(classifier.features(real))
+        if reference is not None:
+            reference_stats = _feature_stats(classifier.features(reference))
+        else:
+            if key not in _REFERENCE_STATS:
+                real, _ = load_digits_split("held_out", channels=1)
+                _REFERENCE_STATS[key] = _feature_stats(classifier.features(real))
+            reference_stats = _REFERENCE_STATS[key]
         mu_g, sigma_g = _feature_stats(classifier.features(images))
-    return frechet_distance(mu_g, sigma_g, *_REFERENCE_STATS[key])
+    return frechet_distance(mu_g, sigma_g, *reference_stats)
 
 
 def real_data_fd(n_per_digit: int = 10, seed: int = 0, classifier: DigitClassifier | None = None) -> float:
@@ -605,7 +613,8 @@ def evaluate_pipeline(
             guidance (:data:`diffusers_distill.digits.RECOMMENDED_GUIDANCE`, SDXL's for SDXL pipelines).
         timesteps: explicit timesteps for the pipeline call; a kept student's recorded timesteps by default.
         reference: optional images ``(N, 3, H, W)`` in ``[-1, 1]`` made from the same seed (e.g. by the teacher);
-            adds ``mse`` and ``psnr`` against them.
+            adds ``mse`` and ``psnr`` against them, and ``fd_to_reference``, the digits-FD to them
+            (:func:`digits_fd` with ``reference``).
         grid_path: optional PNG path for a sample grid: one column per digit, one row per sample index.
 
     Returns:
@@ -649,6 +658,7 @@ def evaluate_pipeline(
     if reference is not None:
         metrics["mse"] = image_mse(images, reference)
         metrics["psnr"] = image_psnr(images, reference)
+        metrics["fd_to_reference"] = digits_fd(images, reference=reference)
     if grid_path is not None:
         # column = digit, row = sample index
         order = torch.arange(len(labels)).reshape(10, n_per_digit).T.flatten()

@@ -106,14 +106,27 @@ def test_demo_flow_map_stage_writes_a_loadable_student_and_its_table(tmp_path):
     assert models == [("teacher DDIM trailing (CFG 1.5)", s) for s in (25, 1, 2)] + [
         ("flow-map student (itvm)", s) for s in (1, 2)
     ]
-    assert all(r["psnr"] is not None for r in summary["rows"][1:])
+    assert all(r["psnr"] is not None and r["fd_to_teacher"] > 0 for r in summary["rows"][1:])
     table = (tmp_path / "flow_map_metrics.md").read_text()
-    assert f"{summary['rows'][-1]['digits_fd']:.2f}" in table
+    assert f"{summary['rows'][-1]['digits_fd']:.2f}" in table and "FD to teacher@25 images" in table
+    assert f"| {summary['rows'][-1]['fd_to_teacher']:.2f} |" in table
     pipe = FlowMapStableDiffusionPipeline.from_pretrained(str(tmp_path / "flow_map" / "student"))
     assert pipe.config.default_num_inference_steps == 4
     from diffusers_distill.evaluation import evaluate_pipeline
 
     m = evaluate_pipeline(str(tmp_path / "flow_map" / "student"), steps=2, n_per_digit=2, seed=0)
     assert m["digits_fd"] == pytest.approx(summary["rows"][-1]["digits_fd"], rel=1e-9)
+    # the benchmark's --compare: another saved flow-map student gets a row per step count, from the same noise and
+    # against the same teacher images (here the same folder, so the same numbers as the student's own rows)
+    from diffusers_distill.training.distill_digits import evaluate_digits_flow_map
+
+    student = str(tmp_path / "flow_map" / "student")
+    rows = evaluate_digits_flow_map(
+        str(tmp_path / "flow_map"), "itvm", summary["training"], (1, 2), 1.5, 2, 0, compare=[student]
+    )
+    own, compared = rows[3:5], rows[5:]
+    assert [(r["model"], r["steps"]) for r in compared] == [("flow-map student `flow_map/student`", s) for s in (1, 2)]
+    for a, b in zip(own, compared):
+        assert (a["digits_fd"], a["fd_to_teacher"], a["psnr"]) == (b["digits_fd"], b["fd_to_teacher"], b["psnr"])
     with pytest.raises(ValueError, match="n_per_digit must be an integer >= 2"):
         cli.stage_flow_map(str(tmp_path / "bad"), n_per_digit=1)

@@ -65,6 +65,14 @@ def test_digits_fd_real_vs_noise(classifier):
     assert real_fd == pytest.approx(direct, rel=1e-9)
     # ... so the reference digits themselves score 0 (up to the matrix square root's rounding, ~1e-4 here)
     assert evaluation.digits_fd(digits.load_digits_split("held_out")[0], classifier) == pytest.approx(0, abs=1e-3)
+    # an explicit reference set: the held-out digits passed in give the default; any set against itself gives 0
+    held_out = digits.load_digits_split("held_out")[0]
+    assert evaluation.digits_fd(train_images[:400], classifier, reference=held_out) == pytest.approx(real_fd, rel=1e-9)
+    assert evaluation.digits_fd(train_images[:400], classifier, reference=train_images[:400]) == pytest.approx(
+        0, abs=1e-3
+    )
+    to_train = evaluation.digits_fd(held_out, classifier, reference=train_images[:400])
+    assert to_train == pytest.approx(real_fd, rel=1e-6)  # Frechet distance is symmetric
 
 
 def test_frechet_distance_closed_form():

@@ -108,6 +108,7 @@ def result_row(
         "prompt_accuracy": metrics["prompt_accuracy"],
         "digits_fd": metrics["digits_fd"],
         "psnr": metrics.get("psnr"),
+        "fd_to_teacher": metrics.get("fd_to_reference"),
         "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,
     }
@@ -142,19 +143,22 @@ def teacher_baselines(output_dir: str, steps: list[int], guidance: float, n_per_
 
 
 def results_markdown(rows: list[dict], reference_fd: float) -> str:
-    """Rows -> a markdown table; ``FD / teacher@25`` is relative to ``reference_fd`` (the 25-step teacher's)."""
+    """Rows -> a markdown table; ``FD / teacher@25`` is relative to ``reference_fd`` (the 25-step teacher's);
+    ``FD to teacher@25 images`` is the digits-FD to the 25-step teacher's samples from the same noise."""
     lines = [
-        "| model | steps | prompt acc. | digits-FD | FD / teacher@25 | PSNR vs teacher@25 (dB) | training |",
-        "|---|---|---|---|---|---|---|",
+        "| model | steps | prompt acc. | digits-FD | FD / teacher@25 | FD to teacher@25 images "
+        "| PSNR vs teacher@25 (dB) | training |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         psnr = "-" if r["psnr"] is None else f"{r['psnr']:.1f}"
+        to_teacher = "-" if r.get("fd_to_teacher") is None else f"{r['fd_to_teacher']:.2f}"
         train = "-" if r["train_seconds"] is None else f"{r['train_seconds'] / 60:.1f} min"
         if r.get("train_cpu_seconds") is not None:
             train += f" ({r['train_cpu_seconds'] / 60:.1f} CPU-min)"
         lines.append(
             f"| {r['model']} | {r['steps']} | {r['prompt_accuracy']:.3f} | {r['digits_fd']:.2f} | "
-            f"{r['digits_fd'] / reference_fd:.2f}x | {psnr} | {train} |"
+            f"{r['digits_fd'] / reference_fd:.2f}x | {to_teacher} | {psnr} | {train} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -385,11 +389,15 @@ def distill_digits_flow_map(
     return summary
 
 
-def evaluate_digits_flow_map(output_dir, loss, training, steps, guidance, n_per_digit, seed) -> list[dict]:
+def evaluate_digits_flow_map(
+    output_dir, loss, training, steps, guidance, n_per_digit, seed, compare: tuple = ()
+) -> list[dict]:
     """:func:`teacher_baselines`, then the flow-map student folder ``<output_dir>/student`` (loaded by evaluation
     with its own pipeline class) at each of ``steps`` from the same noise, with grids alongside; ``training``
-    (``wall_seconds``, ``cpu_seconds``) goes on the first student row. Returns :func:`result_row` rows."""
-    from diffusers_distill.evaluation import evaluate_pipeline
+    (``wall_seconds``, ``cpu_seconds``) goes on the first student row. ``compare``: other saved student folders
+    (e.g. DMD2 students), sampled from the same noise at their recorded settings (flow maps: at each of ``steps``).
+    Returns :func:`result_row` rows."""
+    from diffusers_distill.evaluation import evaluate_pipeline, read_student_sampling
 
     rows, reference = teacher_baselines(output_dir, list(steps), guidance, n_per_digit, seed)
     for count in steps:
@@ -404,4 +412,12 @@ def evaluate_digits_flow_map(output_dir, loss, training, steps, guidance, n_per_
         first = count == steps[0]  # one student for every step count: its training time once
         wall, cpu = (training["wall_seconds"], training["cpu_seconds"]) if first else (None, None)
         rows.append(result_row(f"flow-map student ({loss})", m, wall, cpu))
+    for folder in compare:
+        sampling = read_student_sampling(folder)
+        method = {"flow_map": "flow-map", "dmd2": "DMD2"}.get(sampling.method, sampling.method) if sampling else "saved"
+        name = f"{method} student `{'/'.join(os.path.normpath(folder).split(os.sep)[-2:])}`"  # parent/folder
+        # a flow map samples at any step count; other students at their recorded one
+        for count in steps if sampling and sampling.method == "flow_map" else [None]:
+            m = evaluate_pipeline(folder, steps=count, n_per_digit=n_per_digit, seed=seed, reference=reference)
+            rows.append(result_row(name, m))
     return rows
