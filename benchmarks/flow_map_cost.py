@@ -2,7 +2,7 @@
 iteration.
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/flow_map_cost.py [--latent-size 16] [--iterations 2] \
-        [--output-dir outputs/benchmarks]
+        [--output-dir outputs/benchmarks] [--tiny]
 
 The UNet is the real SD 1.5 config (``UNet2DConditionModel()`` defaults, ~860M parameters) with random weights
 (no Hub), batch 1, 16x16 latents, fp32, LoRA rank 64 students (DMD2's SD setting; the flow-map student also trains
@@ -19,6 +19,9 @@ high-water mark):
 Reported per row: seconds per iteration (the fastest of ``--iterations``), the peak RSS of the process, and the
 *training* peak = peak RSS minus the RSS after the networks and optimizer were built (activations, JVP tangents,
 gradients, AdamW moments, EMA copies). CPU, 1 torch thread; on a shared machine the times are inflated.
+
+``--tiny`` runs the same code on the tiny test UNet (LoRA rank 4), so that the test suite can run the script and it
+cannot fall behind the library; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -77,20 +80,30 @@ def _time_iterations(run, iterations: int) -> float:
     return min(times)
 
 
-def measure_flow_map(loss: str, latent_size: int, iterations: int) -> dict:
+def _unet(tiny: bool):
+    """The SD 1.5 UNet (``UNet2DConditionModel()`` defaults, random weights), or the tiny test UNet; its LoRA rank."""
+    from diffusers import UNet2DConditionModel
+
+    from diffusers_distill.testing import tiny_unet
+
+    return (tiny_unet(), 4) if tiny else (UNet2DConditionModel(), LORA_RANK)
+
+
+def measure_flow_map(loss: str, latent_size: int, iterations: int, tiny: bool = False) -> dict:
     import torch
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler
     from diffusers.training_utils import EMAModel
 
     from diffusers_distill.flow_map import FlowMapUNet, build_flow_map_student, vp_sigma_range
+    from diffusers_distill.schedulers import TwoTimedFlowMapScheduler
     from diffusers_distill.teacher import PromptEmbeddings
     from diffusers_distill.training import core
     from diffusers_distill.training.flow_map import FlowMapConfig, FlowMapParts, flow_map_loss, sample_times
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    teacher = UNet2DConditionModel().requires_grad_(False)  # default config = the SD 1.5 UNet
-    student = build_flow_map_student(teacher, "lora", lora_rank=LORA_RANK, lora_alpha=LORA_RANK)
+    teacher, rank = _unet(tiny)
+    student = build_flow_map_student(teacher.requires_grad_(False), "lora", lora_rank=rank, lora_alpha=rank)
     del teacher  # as train_flow_map: a LoRA student is its own teacher with the adapters off (one UNet)
     alphas = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
     params = [p for p in student.parameters() if p.requires_grad]
@@ -105,6 +118,7 @@ def measure_flow_map(loss: str, latent_size: int, iterations: int) -> dict:
         vae=None,
         latent_shape=(1, 4, latent_size, latent_size),
         sigma_max=vp_sigma_range(alphas)[1],
+        sampler=TwoTimedFlowMapScheduler(),  # the validation grid: unused by the loss
         prediction_type="epsilon",
         device=torch.device("cpu"),
     )
@@ -128,9 +142,9 @@ def measure_flow_map(loss: str, latent_size: int, iterations: int) -> dict:
     return {"seconds": seconds, "peak_bytes": _rss(), "training_bytes": _training_peak(baseline)}
 
 
-def measure_dmd2(latent_size: int, iterations: int) -> dict:
+def measure_dmd2(latent_size: int, iterations: int, tiny: bool = False) -> dict:
     import torch
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler
 
     from diffusers_distill.noise_schedule import NoiseSchedule
     from diffusers_distill.students import build_dmd2_networks
@@ -139,7 +153,8 @@ def measure_dmd2(latent_size: int, iterations: int) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    networks = build_dmd2_networks(UNet2DConditionModel(), "lora", "lora", LORA_RANK, LORA_RANK, LORA_RANK, LORA_RANK)
+    unet, rank = _unet(tiny)
+    networks = build_dmd2_networks(unet, "lora", "lora", rank, rank, rank, rank)
     width = networks.base_unet.config.cross_attention_dim
     schedule = NoiseSchedule.from_scheduler_config(
         DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
@@ -173,11 +188,11 @@ def measure_dmd2(latent_size: int, iterations: int) -> dict:
     return {"seconds": seconds, "peak_bytes": _rss(), "training_bytes": _training_peak(baseline)}
 
 
-def measure_in_subprocess(name: str, latent_size: int, iterations: int) -> dict:
+def measure_in_subprocess(name: str, latent_size: int, iterations: int, tiny: bool = False) -> dict:
     call = (
-        f"b.measure_dmd2({latent_size}, {iterations})"
+        f"b.measure_dmd2({latent_size}, {iterations}, {tiny})"
         if name == "dmd2"
-        else f"b.measure_flow_map({name!r}, {latent_size}, {iterations})"
+        else f"b.measure_flow_map({name!r}, {latent_size}, {iterations}, {tiny})"
     )
     code = f"import json, benchmarks.flow_map_cost as b; print(json.dumps({call}))"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,15 +208,21 @@ def main(argv=None):
     parser.add_argument("--iterations", type=int, default=1, help="timed iterations per row (the fastest is shown)")
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
     parser.add_argument("--output-dir", default="outputs/benchmarks")
+    parser.add_argument("--tiny", action="store_true", help="the tiny test UNet (checks that the script runs)")
     args = parser.parse_args(argv)
     if args.latent_size < 8 or args.latent_size % 8 or args.iterations < 1:
         parser.error("--latent-size must be a multiple of 8 (>= 8) and --iterations >= 1")
 
-    rows = {name: measure_in_subprocess(name, args.latent_size, args.iterations) for name in ("dmd2", *args.losses)}
+    rows = {}
+    for name in ("dmd2", *args.losses):
+        rows[name] = measure_in_subprocess(name, args.latent_size, args.iterations, args.tiny)
+        row = rows[name]
+        print(f"{name}: {row['seconds']:.1f} s, peak {row['peak_bytes'] / GIB:.2f} GiB", file=sys.stderr, flush=True)
     base = rows["dmd2"]
     lines = [
-        f"SD 1.5 UNet (random weights), batch 1, {args.latent_size}x{args.latent_size} latents, fp32, LoRA rank "
-        f"{LORA_RANK}, CPU 1 thread, fastest of {args.iterations} iterations.",
+        f"{'TINY test UNet (not a measurement)' if args.tiny else 'SD 1.5 UNet (random weights)'}, batch 1, "
+        f"{args.latent_size}x{args.latent_size} latents, fp32, LoRA rank {4 if args.tiny else LORA_RANK}, CPU 1 "
+        f"thread, fastest of {args.iterations} iterations.",
         "",
         "| iteration | s / iteration | x DMD2 | peak RSS (GiB) | training peak above the weights (GiB) | x DMD2 |",
         "|---|---|---|---|---|---|",
