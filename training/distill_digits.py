@@ -334,8 +334,10 @@ def distill_digits_flow_map(
     that ``FlowMapStableDiffusionPipeline.from_pretrained`` loads. With ``evaluate``, it then samples that folder at
     each of ``steps`` from the same seeded noise as the teacher rows of :func:`teacher_baselines` (DDIM trailing at
     25 steps and at ``steps``, same guidance), and writes ``metrics.json`` and ``metrics.md`` (the
-    :func:`results_markdown` table) to ``output_dir``, with a sample grid per row. The defaults are the recipe of
-    docs/flow_maps.md ("Measured: the bundled SD 1.5 digits teacher"), about 13 CPU-minutes. Returns the summary:
+    :func:`results_markdown` table) to ``output_dir``, with a sample grid per row. The defaults are the
+    1500-iteration recipe of docs/flow_maps.md ("Measured: the bundled SD 1.5 digits teacher"), about 13
+    CPU-minutes, which the demo runs; that page's best row trains twice as long (``max_train_steps=3000``, about 21
+    CPU-minutes, the benchmark's default). Returns the summary:
     ``training`` (wall/CPU seconds, global step, final loss) and, with ``evaluate``, ``rows``.
     """
     from diffusers_distill.digits import IMAGE_SIZE, digits_teacher_path
