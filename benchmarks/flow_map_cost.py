@@ -41,6 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 LOSSES = ("itvm", "lfmd", "meanflow", "progressive")
 GIB = 1024**3
 LORA_RANK = 64
+TINY_LORA_RANK = 4  # --tiny
 
 
 def _rss() -> int:
@@ -86,7 +87,7 @@ def _unet(tiny: bool):
 
     from diffusers_distill.testing import tiny_unet
 
-    return (tiny_unet(), 4) if tiny else (UNet2DConditionModel(), LORA_RANK)
+    return (tiny_unet(), TINY_LORA_RANK) if tiny else (UNet2DConditionModel(), LORA_RANK)
 
 
 def measure_flow_map(loss: str, latent_size: int, iterations: int, tiny: bool = False) -> dict:
@@ -221,8 +222,9 @@ def main(argv=None):
     base = rows["dmd2"]
     lines = [
         f"{'TINY test UNet (not a measurement)' if args.tiny else 'SD 1.5 UNet (random weights)'}, batch 1, "
-        f"{args.latent_size}x{args.latent_size} latents, fp32, LoRA rank {4 if args.tiny else LORA_RANK}, CPU 1 "
-        f"thread, fastest of {args.iterations} iterations.",
+        f"{args.latent_size}x{args.latent_size} latents, fp32, "
+        f"LoRA rank {TINY_LORA_RANK if args.tiny else LORA_RANK}, CPU 1 thread, "
+        f"fastest of {args.iterations} iterations.",
         "",
         "| iteration | s / iteration | x DMD2 | peak RSS (GiB) | training peak above the weights (GiB) | x DMD2 |",
         "|---|---|---|---|---|---|",
